@@ -1,0 +1,1 @@
+"""Flower clients of fedvb (filled by the end-to-end issue)."""

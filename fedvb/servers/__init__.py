@@ -1,0 +1,1 @@
+"""Flower servers of fedvb (filled by the end-to-end issue)."""

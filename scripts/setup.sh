@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv with torch (CPU build), fedvb and its dev extra. Safe to run again.
+#
+# torch goes in first: on these machines `torch==2.13.0` is a CPU build on local
+# disk, while an open `torch` requirement would pull a multi-GB CUDA build.
+# Elsewhere, set FEDVB_TORCH to the torch requirement you want (or install
+# torch into .venv yourself first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "${FEDVB_TORCH:-torch==2.13.0}"
+fi
+.venv/bin/python -m pip install -q -e '.[dev]'
