@@ -1,0 +1,58 @@
+"""The core and IVON on CUDA tensors give the CPU's numbers (runs where a GPU exists)."""
+
+import pytest
+import torch
+
+from fedvb.core.driver import run_plain_loop
+from fedvb.core.duality import bayes_admm_newton, ivon_admm
+from fedvb.core.gaussian import DENSE, DIAGONAL, Gaussian
+from fedvb.core.ivon import IVON
+from fedvb.core.problems import centralized_linear_posterior, make_linear_regression_clients
+from fedvb.core.solvers import LinearRegressionClient
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def test_one_round_exactness_on_cuda():
+    clients = make_linear_regression_clients(4, 6, seed=0)
+    on_gpu = [LinearRegressionClient(c.x.to(CUDA), c.y.to(CUDA)) for c in clients]
+    prior = Gaussian.isotropic_prior(6, 2.0, DENSE, device=CUDA)
+    server = run_plain_loop(bayes_admm_newton(rho=0.25), prior, on_gpu, rounds=1).final
+    exact = centralized_linear_posterior(clients, Gaussian.isotropic_prior(6, 2.0, DENSE))
+    assert server.mean.device.type == "cuda"
+    torch.testing.assert_close(server.mean.cpu(), exact.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(server.precision.cpu(), exact.precision, rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_algebra_on_cuda_matches_cpu():
+    clients = make_linear_regression_clients(4, 6, seed=1)
+    on_gpu = [LinearRegressionClient(c.x.to(CUDA), c.y.to(CUDA)) for c in clients]
+    preset = ivon_admm(rho=1.0, damping=0.5)
+    cpu = run_plain_loop(preset, Gaussian.isotropic_prior(6, 2.0, DIAGONAL), clients, rounds=20).final
+    gpu = run_plain_loop(preset, Gaussian.isotropic_prior(6, 2.0, DIAGONAL, device=CUDA), on_gpu, rounds=20).final
+    torch.testing.assert_close(gpu.mean.cpu(), cpu.mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu.precision.cpu(), cpu.precision, rtol=1e-9, atol=1e-12)
+
+
+def test_ivon_on_cuda_matches_cpu_step_for_step():
+    def make(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double().to(device)
+        opt = IVON(model.parameters(), lr=0.05, ess=100.0, prior_precision=5.0, hess_init=0.3, beta2=0.99)
+        opt.set_dual(torch.linspace(-1, 1, opt.num_trainable, dtype=torch.float64, device=device), -0.5)
+        return model, opt
+
+    (cpu_model, cpu_opt), (gpu_model, gpu_opt) = make("cpu"), make(CUDA)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(15):
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (16,), generator=g)
+        noise = torch.randn(cpu_opt.num_trainable, generator=g, dtype=torch.float64)
+        for model, opt, device in ((cpu_model, cpu_opt, "cpu"), (gpu_model, gpu_opt, CUDA)):
+            with opt.sampled_params(train=True, noise=noise.to(device)):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+    torch.testing.assert_close(gpu_opt.posterior().mean.cpu(), cpu_opt.posterior().mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu_opt.posterior().precision.cpu(), cpu_opt.posterior().precision, rtol=1e-9, atol=1e-9)
