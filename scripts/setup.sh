@@ -7,6 +7,11 @@
 # torch into .venv yourself first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Fashion-MNIST comes from a Debian package; install it when we can (root with apt).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+    || echo "setup: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped" >&2
+fi
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

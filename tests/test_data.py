@@ -1,0 +1,223 @@
+"""Offline datasets: shapes, class counts and value ranges; readers of the standard formats; partitions."""
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedvb.data import (
+    DataNotFoundError,
+    load_dataset,
+    local_test_split,
+    partition_indices,
+    plot_label_distribution,
+)
+from fedvb.data import datasets as datasets_module
+from fedvb.data.readers import read_cifar10_python, read_idx
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+# Outside CI a missing dataset skips its test; in CI (CI=true) it fails, so a broken install cannot pass.
+IN_CI = bool(os.environ.get("CI"))
+needs_shared = pytest.mark.skipif(
+    not IN_CI and not (SHARED / "mnist.npz").exists(), reason="shared/data not beside the checkout"
+)
+needs_fashion = pytest.mark.skipif(
+    not IN_CI and not FASHION.exists(), reason="Debian package dataset-fashion-mnist not installed"
+)
+
+
+@needs_fashion
+def test_fashion_mnist():
+    raw = load_dataset("fashion-mnist", preprocessing="raw")
+    assert raw.x_train.shape == (60000, 1, 28, 28) and raw.x_test.shape == (10000, 1, 28, 28)
+    assert np.array_equal(np.bincount(raw.y_train), np.full(10, 6000))
+    assert np.array_equal(np.bincount(raw.y_test), np.full(10, 1000))
+    assert raw.x_train.min() == 0.0 and raw.x_train.max() == 255.0  # the papers' raw 0-255 floats
+    std = load_dataset("fashion-mnist")
+    assert abs(float(std.x_train.mean())) < 1e-4 and abs(float(std.x_train.std()) - 1) < 1e-4
+    assert std.class_names[0] == "T-shirt/top"
+
+
+@needs_shared
+def test_mnist_from_npz_and_from_idx_files_agree(tmp_path):
+    d = load_dataset("mnist", preprocessing="raw")
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    assert np.bincount(d.y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(d.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert d.y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert 0.0 == d.x_train.min() and d.x_train.max() == 1.0
+    assert abs(float(d.x_train.mean()) - 0.1307) < 1e-4 and abs(float(d.x_train.std()) - 0.3081) < 1e-4
+    # The same arrays from the four standard IDX files (gzip and plain mixed).
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    with np.load(SHARED / "mnist.npz") as z:
+        write_idx(folder / "train-images-idx3-ubyte.gz", z["x_train"])
+        write_idx(folder / "train-labels-idx1-ubyte", z["y_train"])
+        write_idx(folder / "t10k-images-idx3-ubyte.gz", z["x_test"])
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", z["y_test"])
+    from_idx = load_dataset("mnist", data_dir=tmp_path, preprocessing="raw")
+    assert np.array_equal(from_idx.x_test, d.x_test) and np.array_equal(from_idx.y_train, d.y_train)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def test_idx_reader_known_answer(tmp_path):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", array)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), array)
+    (tmp_path / "bad").write_bytes(bytes([0, 0, 9, 1, 0, 0, 0, 1, 0]))
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "bad")
+
+
+def test_cifar10_python_batches_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+        batches[name] = images
+        raw = {b"data": images.reshape(4, -1), b"labels": [0, 1, 2, 9]}
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump(raw, handle)
+    arrays = read_cifar10_python(tmp_path)
+    assert arrays["x_train"].shape == (20, 32, 32, 3)
+    assert np.array_equal(arrays["x_test"][1], batches["test_batch"][1].transpose(1, 2, 0))
+    assert arrays["y_train"].tolist() == [0, 1, 2, 9] * 5
+
+
+@needs_shared
+def test_cifar10_jpeg_copy():
+    d = load_dataset("cifar10", preprocessing="raw")
+    assert d.x_train.shape == (50000, 3, 32, 32) and d.x_test.shape == (10000, 3, 32, 32)
+    assert np.array_equal(np.bincount(d.y_train), np.full(10, 5000))
+    assert np.array_equal(np.bincount(d.y_test), np.full(10, 1000))
+    assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+    np.testing.assert_allclose(d.x_train.mean(axis=(0, 2, 3)), [0.4913, 0.4821, 0.4465], atol=2e-4)
+    assert d.class_names[3] == "cat"
+
+
+@needs_shared
+def test_uci_credit_as_in_the_papers_code():
+    d = load_dataset("uci-credit")
+    assert d.x_train.shape[0] + d.x_test.shape[0] == 653  # 690 rows less the 37 with '?'
+    assert np.bincount(d.y_train).tolist() == [286, 237] and np.bincount(d.y_test).tolist() == [71, 59]
+    assert d.x_train.shape[1] == d.x_test.shape[1] == 46 and np.isfinite(d.x_train).all()
+
+
+@needs_shared
+def test_uci_heart_has_flambys_four_centres():
+    d = load_dataset("uci-heart")
+    assert np.bincount(d.natural_clients).tolist() == [199, 172, 30, 85]
+    assert d.x_test.shape[0] == (303 + 261 + 46 + 130) - 486
+    assert set(np.unique(d.y_train)) == {0, 1} and np.isfinite(d.x_train).all()
+    parts = partition_indices(d.y_train, "natural", 4, seed=0, natural=d.natural_clients)
+    assert [len(p) for p in parts] == [199, 172, 30, 85]
+
+
+def test_digits_and_generated_sets():
+    d = load_dataset("digits")
+    assert d.x_train.shape == (1438, 1, 8, 8) and d.x_test.shape == (359, 1, 8, 8)
+    per_class = np.array([178, 182, 177, 183, 181, 182, 181, 179, 174, 180])  # sklearn's digits
+    assert np.bincount(d.y_train).tolist() == (per_class - np.round(0.2 * per_class)).astype(int).tolist()
+    fedprox = load_dataset("fedprox-synthetic", alpha=0.5, beta=0.5, num_clients=12, seed=3)
+    assert fedprox.x_train.shape[1] == 60 and len(np.unique(fedprox.natural_clients)) == 12
+    again = load_dataset("fedprox-synthetic", alpha=0.5, beta=0.5, num_clients=12, seed=3)
+    assert np.array_equal(again.x_train, fedprox.x_train)
+    linear = load_dataset("synthetic-linear")
+    assert linear.task == "regression" and linear.y_train.dtype == np.float32
+
+
+def test_missing_data_names_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets_module, "search_dirs", lambda data_dir=None: [tmp_path / "nowhere"])
+    with pytest.raises(DataNotFoundError, match=r"(?s)mnist: no data found.*nowhere.*mnist.npz"):
+        load_dataset("mnist")
+    with pytest.raises(DataNotFoundError, match="uci-credit.*crx.data"):
+        load_dataset("uci-credit")
+
+
+def test_bad_names_list_the_allowed_values():
+    with pytest.raises(ValueError, match="dataset: unknown 'emnist'; allowed: fashion-mnist, mnist"):
+        load_dataset("emnist")
+    with pytest.raises(ValueError, match="preprocessing: unknown 'minmax'; allowed: standardize, raw"):
+        load_dataset("digits", preprocessing="minmax")
+
+
+LABELS = np.repeat(np.arange(10), 600)  # 6,000 rows, 600 per class
+
+
+@pytest.mark.parametrize(
+    "scheme, options",
+    [
+        ("iid", {}),
+        ("dirichlet", {"alpha": 0.3}),
+        ("inner-dirichlet", {"alpha": 0.5}),
+        ("pathological", {"classes_per_client": 2}),
+        ("shard", {"shards_per_client": 2}),
+        ("size", {"sizes": [1000, 2000, 500, 1500, 100, 100, 100, 100, 50, 50]}),
+        ("papers-dirichlet", {}),
+    ],
+)
+def test_partitions_cover_the_data_once_and_are_seeded(scheme, options):
+    parts = partition_indices(LABELS, scheme, 10, seed=1, **options)
+    assert len(parts) == 10
+    rows = np.concatenate(parts)
+    assert len(rows) == len(np.unique(rows))  # disjoint
+    if scheme != "size":
+        assert len(rows) == len(LABELS)  # every row placed
+    if scheme in ("pathological", "shard"):
+        assert all(len(np.unique(LABELS[p])) <= 2 for p in parts)
+    if scheme == "pathological":
+        assert all(len(np.unique(LABELS[p])) == 2 for p in parts)
+    same = partition_indices(LABELS, scheme, 10, seed=1, **options)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, same, strict=True))
+    if scheme != "size":
+        other = partition_indices(LABELS, scheme, 10, seed=2, **options)
+        assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def test_two_class_split_gives_exactly_two_classes_of_300():
+    labels = np.repeat(np.arange(10), 6000)
+    parts = partition_indices(labels, "two-class", 100, seed=0)
+    for rows in parts:
+        classes, counts = np.unique(labels[rows], return_counts=True)
+        assert len(classes) == 2 and counts.tolist() == [300, 300]
+    uses = np.bincount([c for rows in parts for c in np.unique(labels[rows])], minlength=10)
+    assert uses.tolist() == [20] * 10  # every class used by 20 clients
+    all_rows = np.concatenate(parts)
+    assert len(np.unique(all_rows)) == len(all_rows)  # 6,000 rows a class suffice for 20 x 300: no repeats
+
+
+def test_papers_dirichlet_has_skewed_sizes_and_classes():
+    parts = partition_indices(LABELS, "papers-dirichlet", 10, seed=0)
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 2 and sizes.max() > 2 * sizes.mean() / 2
+    assert np.std(sizes) > 0.3 * np.mean(sizes)  # Dir(1) sizes are far from equal
+
+
+def test_local_test_split_and_label_picture(tmp_path):
+    parts = partition_indices(LABELS, "dirichlet", 5, seed=0, alpha=0.5)
+    for k, rows in enumerate(parts):
+        train, test = local_test_split(rows, 0.2, seed=0, client=k)
+        assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(rows)
+        assert abs(len(test) - 0.2 * len(rows)) <= 1
+    picture = plot_label_distribution(LABELS, parts, tmp_path / "labels.png")
+    assert picture.stat().st_size > 5_000
+
+
+def test_partition_errors_name_the_field():
+    with pytest.raises(ValueError, match="partition: unknown scheme 'random'; allowed: iid"):
+        partition_indices(LABELS, "random", 4, seed=0)
+    with pytest.raises(ValueError, match="needs a dataset with natural clients"):
+        partition_indices(LABELS, "natural", 4, seed=0)
