@@ -6,16 +6,18 @@ against it and benchmarks use it as the floor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from fedvb.core.algorithms import Algorithm, ServerState
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import Gaussian, NaturalParams
 from fedvb.core.solvers import LocalSolver
 
-__all__ = ["DriverResult", "run_plain_loop", "sample_participants"]
+__all__ = ["DriverResult", "run_algorithm", "run_plain_loop", "sample_participants"]
 
 
 def sample_participants(num_clients: int, fraction: float, *, seed: int, server_round: int) -> list[int]:
@@ -95,3 +97,35 @@ def run_plain_loop(
         result.participants.append(chosen)
     result.sites = sites
     return result
+
+
+def run_algorithm(
+    algorithm: Algorithm,
+    trainers: Sequence,
+    rounds: int,
+    initial_mean: torch.Tensor,
+    *,
+    generator_for: Callable[[int, int], torch.Generator],
+    fraction: float = 1.0,
+    seed: int = 0,
+    on_round: Callable[[int, ServerState], None] | None = None,
+) -> ServerState:
+    """Any :class:`~fedvb.core.algorithms.Algorithm` over in-memory trainers, one client after another.
+
+    ``generator_for(round, client)`` gives each client's random stream; the
+    Flower backends draw participants and streams the same way, so they
+    reproduce this loop's numbers.
+    """
+    server = algorithm.init_server(initial_mean, len(trainers))
+    states: list[dict] = [{} for _ in trainers]
+    for server_round in range(1, rounds + 1):
+        payload = algorithm.payload(server)
+        replies = {}
+        for k in sample_participants(len(trainers), fraction, seed=seed, server_round=server_round):
+            replies[k], states[k] = algorithm.client_round(
+                payload, states[k], trainers[k], generator=generator_for(server_round, k)
+            )
+        server = algorithm.server_round(server, replies, len(trainers))
+        if on_round is not None:
+            on_round(server_round, server)
+    return server

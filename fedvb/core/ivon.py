@@ -305,6 +305,21 @@ class IVON(torch.optim.Optimizer):
                 flat.precision_lam = None
                 start = end
 
+    def reset_hessian(self, value: float) -> None:
+        """Set ``h`` to ``value`` everywhere (e.g. ``hess_init`` after a warm start of the mean)."""
+        for flat in self._flat:
+            flat.hess.fill_(value)
+            flat.precision_lam = None
+
+    def momentum_state(self) -> tuple[Tensor, int]:
+        """The gradient momentum (flat) and the step counter of the first group, to carry across rounds."""
+        return self._flat[0].momentum.detach().clone(), int(self.param_groups[0]["step"])
+
+    def restore_momentum(self, momentum: Tensor, step: int) -> None:
+        """Undo :meth:`momentum_state` on a fresh optimizer (same parameters)."""
+        self._flat[0].momentum.copy_(momentum)
+        self.param_groups[0]["step"] = step
+
     def posterior(self) -> Gaussian:
         """The current ``N(m, diag(lam (h + delta))^-1)`` over the trainable parameters, as a core Gaussian."""
         means, precisions = [], []

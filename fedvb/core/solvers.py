@@ -54,15 +54,13 @@ class LocalSolver(Protocol):
     ) -> Gaussian: ...
 
 
-def local_penalty(server: Gaussian, site: NaturalParams, rho: float) -> tuple[Tensor, Tensor]:
-    """``(A, b)`` with ``rho/2 (t - m_bar)^T S_bar (t - m_bar) + v^T t - 1/2 t^T V t = 1/2 t^T A t - b^T t + c``.
+def local_penalty(server: Gaussian, site: NaturalParams, rho: float) -> NaturalParams:
+    """The cavity ``rho lambda_bar - v``: natural parameters ``(b, A)`` of the client's penalty.
 
-    ``A = rho S_bar - V`` and ``b = rho S_bar m_bar - v``, both dense.
+    ``rho/2 (t - m_bar)^T S_bar (t - m_bar) + v^T t - 1/2 t^T V t = 1/2 t^T A t - b^T t + c`` with
+    ``A = rho S_bar - V`` and ``b = rho S_bar m_bar - v`` (in the family's layout; ``A`` need not be positive).
     """
-    family, dim = server.family, server.dim
-    quadratic = rho * server.dense_precision() - family.to_dense(site.quadratic, dim)
-    linear = rho * family.matvec(server.precision, server.mean) - site.linear
-    return quadratic, linear
+    return rho * server.natural() - site
 
 
 def client_posterior(
@@ -114,8 +112,11 @@ def solve_linear_regression(
     x = x.to(server.dtype)
     y = y.to(server.dtype)
     gram = x.T @ x
-    quadratic, linear = local_penalty(server, site, rho)
-    mean = _positive_definite_solve(gram / temperature + quadratic, x.T @ y / temperature + linear, "linear regression")
+    cavity = local_penalty(server, site, rho)
+    quadratic = server.family.to_dense(cavity.quadratic, server.dim)
+    mean = _positive_definite_solve(
+        gram / temperature + quadratic, x.T @ y / temperature + cavity.linear, "linear regression"
+    )
     return client_posterior(server, site, mean, gram, rho=rho, temperature=temperature, point_estimate=point_estimate)
 
 
@@ -163,7 +164,8 @@ def solve_softmax_regression(
     below ``tol * (1 + |f|)`` (default: 100 machine epsilons).
     """
     x = x.to(server.dtype)
-    quadratic, linear = local_penalty(server, site, rho)
+    cavity = local_penalty(server, site, rho)
+    quadratic, linear = server.family.to_dense(cavity.quadratic, server.dim), cavity.linear
     # Newton from m_bar finds the local minimiser near the server.  The
     # objective need not be convex everywhere (a site's V may exceed rho S_bar
     # in some direction, as at BayesADMM's fixed points with rho < 1), only where

@@ -1,0 +1,120 @@
+"""Where clients run: ``inprocess`` (a Flower Grid that calls the ClientApp directly) or ``ray``.
+
+Both drive the same ServerApp logic, Strategy and ClientApp objects, and give
+the same numbers for the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedvb.config import RunConfig
+
+__all__ = ["InProcessGrid", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class InProcessGrid(Grid):
+    """A Flower Grid that executes the ClientApp in this process, one message after another.
+
+    No Ray, no SuperLink, no polling: the overhead per round is a function call
+    per client. Nodes get random-looking ids (as under Flower's simulation) and
+    each keeps its own ``Context`` (with ``partition-id``) for the whole run. A
+    client that raises produces an error reply, as Flower's engines do.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1) -> None:
+        self.client_app = client_app
+        ids = np.random.default_rng(seed).choice(2**62, size=num_nodes, replace=False) + 1
+        self.contexts = {
+            int(node_id): Context(
+                run_id=run_id,
+                node_id=int(node_id),
+                node_config={"partition-id": k, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for k, node_id in enumerate(ids)
+        }
+        self._run = Run.create_empty(run_id)
+        self._replies: dict[str, Message] = {}
+        self._counter = 0
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            self._counter += 1
+            message_id = f"inprocess-{self._counter}"
+            message.metadata.__dict__["_message_id"] = message_id
+            message.metadata.__dict__["_run_id"] = self._run.run_id
+            self._replies[message_id] = self._execute(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _execute(self, message: Message) -> Message:
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            return self.client_app(message, context)
+        except Exception as error:  # a failing client must not take the server down
+            log.warning("client on node %s raised: %s", message.metadata.dst_node_id, error)
+            reason = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def run(config: RunConfig) -> None:
+    """Run ``config`` on its backend and write the run folder ``config.out``."""
+    from fedvb.clients.app import make_client_app
+    from fedvb.servers.app import make_server_app, run_server
+
+    if config.backend == "inprocess":
+        grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed)
+        # Flower stamps new messages with the identity of the task the process runs,
+        # which its own runtimes set; we are that runtime here (as flwr.server.compat does).
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = grid.run.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        run_server(grid, config)
+        return
+    from flwr.simulation import run_simulation
+
+    init_args = {"address": config.ray_address} if config.ray_address else {"include_dashboard": False}
+    backend_config = {
+        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
+        "init_args": init_args,
+    }
+    run_simulation(
+        server_app=make_server_app(config),
+        client_app=make_client_app(),
+        num_supernodes=config.num_clients,
+        backend_config=backend_config,
+    )

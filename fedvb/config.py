@@ -1,0 +1,213 @@
+"""The run configuration: one typed, validated object from TOML plus ``key=value`` overrides.
+
+Every key, its type, default and meaning is in :data:`FIELDS`; ``fedvb run
+--help`` prints that table.  Validation happens before any training and
+raises :class:`ConfigError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["STRATEGIES", "ConfigError", "RunConfig", "describe_fields"]
+
+STRATEGIES = (
+    "fedavg", "fedprox", "feddyn", "fedadmm", "scaffold",
+    "fedlap", "fedlap-cov", "ivon-admm", "bayes-admm-newton", "pvi",
+)  # fmt: skip
+BACKENDS = ("inprocess", "ray")
+OPTIMIZERS = ("adam", "sgd")
+SOLVERS = ("", "exact", "laplace", "ivon")
+FAMILIES = ("", "isotropic", "diagonal", "dense")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: ``field`` names the offending key."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _meta(help_text: str, **checks) -> dict:
+    return {"help": help_text, **checks}
+
+
+@dataclass
+class RunConfig:
+    """One experiment. Defaults give the README's headline comparison on digits."""
+
+    strategy: str = field(default="ivon-admm", metadata=_meta("algorithm", choices=STRATEGIES))
+    dataset: str = field(default="digits", metadata=_meta("named dataset (see fedvb.data.DATASETS)"))
+    data: str = field(default="", metadata=_meta("bring-your-own .npz (x, y, client[, x_test, y_test])"))
+    model: str = field(default="", metadata=_meta("model name; default: mlp for images, softmax for tables"))
+    num_clients: int = field(default=10, metadata=_meta("number of clients K", min=1))
+    rounds: int = field(default=10, metadata=_meta("communication rounds R", min=1))
+    seed: int = field(default=0, metadata=_meta("seed of data split, init and every random stream", min=0))
+    backend: str = field(default="inprocess", metadata=_meta("where clients run", choices=BACKENDS))
+    ray_address: str = field(default="", metadata=_meta("attach the ray backend to a running Ray cluster"))
+    out: str = field(default="runs/latest", metadata=_meta("run folder"))
+    data_dir: str = field(default="", metadata=_meta("where dataset files are looked for first"))
+    preprocessing: str = field(default="standardize", metadata=_meta("input scaling", choices=("standardize", "raw")))
+    data_fraction: float = field(
+        default=1.0, metadata=_meta("fraction of the training set used (papers: 0.1)", gt=0, max=1)
+    )
+    partition: str = field(default="papers-dirichlet", metadata=_meta("split over clients (fedvb.data.SCHEMES)"))
+    partition_alpha: float = field(default=0.5, metadata=_meta("Dirichlet concentration of 'dirichlet'", gt=0))
+    fraction_train: float = field(default=1.0, metadata=_meta("fraction of clients per round", gt=0, max=1))
+    prior_precision: float = field(default=1.0, metadata=_meta("delta: prior N(0, 1/delta I)", gt=0))
+    rho: float = field(default=1.0, metadata=_meta("KL weight / ADMM penalty of BayesADMM presets", gt=0))
+    damping: float = field(default=1.0, metadata=_meta("gamma: dual step damping", gt=0, max=1))
+    alpha: float = field(default=0.0, metadata=_meta("server mixing; 0 means 1/(1 + K rho)", ge=0, max=1))
+    temperature: float = field(default=1.0, metadata=_meta("tau: likelihood temperature", gt=0))
+    family: str = field(default="", metadata=_meta("pvi's Gaussian family; default diagonal", choices=FAMILIES))
+    solver: str = field(default="", metadata=_meta("client solver of BayesADMM presets", choices=SOLVERS))
+    precision_floor: float = field(default=0.0, metadata=_meta("lower bound on server precision; 0: none", ge=0))
+    local_epochs: int = field(default=1, metadata=_meta("local epochs per round", min=1))
+    lr: float = field(default=1e-3, metadata=_meta("local learning rate (IVON: Newton step size)", gt=0))
+    batch_size: int = field(default=32, metadata=_meta("local minibatch size", min=1))
+    optimizer: str = field(default="adam", metadata=_meta("MAP optimizer", choices=OPTIMIZERS))
+    hidden: str = field(default="200,100", metadata=_meta("MLP hidden sizes, comma-separated"))
+    activation: str = field(default="sigmoid", metadata=_meta("MLP activation (sigmoid, relu, tanh, gelu)"))
+    proximal_mu: float = field(default=0.01, metadata=_meta("FedProx mu", ge=0))
+    feddyn_alpha: float = field(default=0.01, metadata=_meta("FedDyn alpha", gt=0))
+    admm_rho: float = field(default=0.01, metadata=_meta("FedADMM penalty rho", gt=0))
+    server_lr: float = field(default=1.0, metadata=_meta("FedADMM / SCAFFOLD server step", gt=0))
+    ivon_hess_init: float = field(default=0.1, metadata=_meta("IVON initial h", ge=0))
+    ivon_beta2: float = field(default=0.99995, metadata=_meta("IVON beta2", ge=0, lt=1))
+    ivon_mc_samples: int = field(default=1, metadata=_meta("IVON Monte Carlo samples per step", min=1))
+    eval_samples: int = field(default=32, metadata=_meta("posterior-predictive samples at evaluation", min=0))
+    device: str = field(default="cpu", metadata=_meta("cpu, cuda or auto (cuda when available)"))
+    client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))
+    client_gpus: float = field(default=0.0, metadata=_meta("ray: GPUs per client (fractions share a GPU)", ge=0))
+
+    # -- building --------------------------------------------------------------------
+    @classmethod
+    def from_sources(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Defaults, then the TOML file, then ``overrides`` (CLI flags and ``--set``)."""
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            try:
+                with open(toml_path, "rb") as handle:
+                    values.update(_flatten(tomllib.load(handle)))
+            except FileNotFoundError:
+                raise ConfigError("config", f"file not found: {toml_path}") from None
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigError("config", f"{toml_path} is not valid TOML ({error})") from None
+        values.update(overrides or {})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(key, f"unknown key; allowed: {', '.join(known)}")
+            kwargs[name] = _coerce(name, raw, known[name].type)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                allowed = ", ".join(repr(c) for c in meta["choices"])
+                raise ConfigError(f.name, f"got {value!r}; allowed: {allowed}")
+            for key, test, words in (
+                ("min", lambda v, b: v >= b, ">="),
+                ("gt", lambda v, b: v > b, ">"),
+                ("ge", lambda v, b: v >= b, ">="),
+                ("max", lambda v, b: v <= b, "<="),
+                ("lt", lambda v, b: v < b, "<"),
+            ):
+                if key in meta and not test(value, meta[key]):
+                    raise ConfigError(f.name, f"must be {words} {meta[key]}, got {value}")
+        from fedvb.data import DATASETS, SCHEMES
+        from fedvb.models import ACTIVATIONS, MODELS
+
+        if not self.data and self.dataset not in DATASETS:
+            raise ConfigError("dataset", f"got {self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        if self.data and self.model not in ("linear", "logreg"):
+            raise ConfigError("model", f"--data needs --model linear or logreg, got {self.model!r}")
+        if self.model and not self.data and self.model not in MODELS:
+            raise ConfigError("model", f"got {self.model!r}; allowed: {', '.join(MODELS)}")
+        if self.partition not in SCHEMES:
+            raise ConfigError("partition", f"got {self.partition!r}; allowed: {', '.join(SCHEMES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError("activation", f"got {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        try:
+            sizes = self.hidden_sizes
+        except ValueError:
+            sizes = []
+        if not sizes or any(s < 1 for s in sizes):
+            raise ConfigError("hidden", f"comma-separated positive integers, got {self.hidden!r}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ConfigError("device", f"got {self.device!r}; allowed: cpu, cuda, cuda:N, auto")
+        if self.strategy == "bayes-admm-newton" and self.solver not in ("", "exact"):
+            raise ConfigError("solver", "bayes-admm-newton (dense family) needs the exact solver")
+        if self.strategy == "ivon-admm" and self.solver not in ("", "ivon"):
+            raise ConfigError("solver", "ivon-admm uses the ivon solver")
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [int(s) for s in self.hidden.split(",") if s.strip()]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.as_dict())
+
+    def replace(self, **changes) -> RunConfig:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables become flat keys (``[ivon] beta2`` is ``ivon_beta2``)."""
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}_{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _coerce(name: str, raw: Any, kind: Any) -> Any:
+    """Strings from ``--set key=value`` (and numbers from TOML) into the field's type."""
+    kind = {"str": str, "int": int, "float": float}.get(kind, kind) if isinstance(kind, str) else kind
+    try:
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected {kind.__name__}, got {raw!r}") from None
+
+
+def describe_fields() -> str:
+    """The configuration keys as a table for ``--help``."""
+    lines = []
+    for f in fields(RunConfig):
+        meta = f.metadata
+        extra = f" [{'|'.join(c or '(default)' for c in meta['choices'])}]" if "choices" in meta else ""
+        lines.append(f"  {f.name:18s} {f.default!r:14s} {meta['help']}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,330 @@
+"""Every algorithm as a client step and a server step over named tensors.
+
+An :class:`Algorithm` says what the server broadcasts (``payload``), what a
+client does with it (``client_round``: train locally with a trainer, return a
+reply and its new private state), and how the server folds the replies in
+(``server_round``).  Payloads, replies and client states are ``dict[str, Tensor]``
+so that Flower can carry them as ArrayRecords unchanged; the Flower strategy
+and ClientApp only move them, and the plain-loop driver calls the same methods.
+
+The BayesADMM family (FedLap, FedLap-Cov, IVON-ADMM, BayesADMM-Newton, PVI) is
+one class over a :class:`~fedvb.core.duality.Preset`; the baselines (FedAvg,
+FedProx, FedDyn, FedADMM, SCAFFOLD) follow their papers (research/papers.md §7)
+with squared proximal norms.  Losses are sums over a client's examples unless
+a docstring says "mean loss".
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedvb.core.duality import Preset, aggregate
+from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
+from fedvb.core.trainers import TorchTrainer
+
+__all__ = [
+    "Algorithm",
+    "BayesADMM",
+    "FedADMM",
+    "FedAvg",
+    "FedDyn",
+    "FedProx",
+    "Scaffold",
+    "ServerState",
+]
+
+log = logging.getLogger(__name__)
+Arrays = dict[str, Tensor]
+
+
+@dataclass
+class ServerState:
+    """What the server holds between rounds: tensors by name plus per-client sites (BayesADMM)."""
+
+    arrays: Arrays
+    sites: dict[Any, NaturalParams] = field(default_factory=dict)
+
+
+class Algorithm(ABC):
+    """A federated algorithm as pure steps; see the module docstring."""
+
+    name: str
+
+    @abstractmethod
+    def init_server(self, initial_mean: Tensor, num_clients: int) -> ServerState: ...
+
+    def payload(self, server: ServerState) -> Arrays:
+        """What every sampled client receives this round."""
+        return {k: v for k, v in server.arrays.items() if not k.startswith("_")}
+
+    @abstractmethod
+    def client_round(
+        self, payload: Arrays, state: Arrays, trainer: TorchTrainer, *, generator: torch.Generator
+    ) -> tuple[Arrays, Arrays]:
+        """``(reply, new_state)``; ``state`` is empty the first time a client is sampled."""
+
+    @abstractmethod
+    def server_round(self, server: ServerState, replies: dict[Any, Arrays], num_clients: int) -> ServerState:
+        """The new server state from this round's replies (keyed by client)."""
+
+    def server_mean(self, server: ServerState) -> Tensor:
+        return server.arrays["mean"]
+
+    def server_posterior(self, server: ServerState) -> Gaussian | None:
+        return None
+
+
+def _weighted_mean(replies: dict[Any, Arrays], key: str) -> Tensor:
+    weights = torch.stack([r["num_examples"].double() for r in replies.values()])
+    stacked = torch.stack([r[key].double() for r in replies.values()])
+    return (weights[:, None] * stacked).sum(0) / weights.sum()
+
+
+class BayesADMM(Algorithm):
+    """The BayesADMM machinery for any preset (papers.md §3.1).
+
+    ``solver``: ``exact`` (closed form / Newton; linear or softmax models),
+    ``laplace`` (MAP with Adam/SGD, then the diagonal GGN on the client's own
+    data; ``point_estimate`` presets skip the curvature) or ``ivon``.  The
+    server starts at ``N(initial_mean, delta^-1)`` (the model's initialisation)
+    while the prior is ``N(0, delta^-1 I)``.
+    """
+
+    def __init__(
+        self,
+        preset: Preset,
+        *,
+        prior_precision: float,
+        solver: str,
+        temperature: float = 1.0,
+        precision_floor: float | None = None,
+    ) -> None:
+        if solver not in ("exact", "laplace", "ivon"):
+            raise ValueError(f"solver: unknown {solver!r}; allowed: exact, laplace, ivon")
+        self.preset, self.solver = preset, solver
+        self.name = preset.name
+        self.prior_precision, self.temperature, self.precision_floor = prior_precision, temperature, precision_floor
+
+    def _prior(self, like: Tensor) -> Gaussian:
+        return Gaussian.isotropic_prior(like.numel(), self.prior_precision, self.preset.family, dtype=like.dtype)
+
+    def init_server(self, initial_mean, num_clients):
+        prior = self._prior(initial_mean)
+        round_zero = torch.tensor(0.0, dtype=initial_mean.dtype)
+        return ServerState({"mean": initial_mean.clone(), "precision": prior.precision.clone(), "round": round_zero})
+
+    def client_round(self, payload, state, trainer, *, generator):
+        family, rho = self.preset.family, self.preset.rho
+        server = Gaussian(payload["mean"], payload["precision"], family)
+        site = (
+            NaturalParams(state["site_linear"], state["site_quadratic"], family)
+            if state
+            else NaturalParams.zeros(server.dim, family, dtype=server.dtype)
+        )
+        new_state: Arrays = {}
+        if self.solver == "exact":
+            posterior = trainer.exact(
+                server, site, rho=rho, temperature=self.temperature, point_estimate=self.preset.point_estimate
+            )
+        elif self.solver == "ivon":
+            ivon_state = {k: v for k, v in state.items() if k.startswith("ivon_")}
+            posterior, new_state = trainer.ivon(
+                server, site, rho=rho, temperature=self.temperature, generator=generator, state=ivon_state,
+                first_round=int(payload["round"]) == 0,
+            )  # fmt: skip
+            posterior = posterior.to(server.dtype)
+        else:
+            cavity = rho * server.natural() - site
+            mean = trainer.map(server.mean, cavity, temperature=self.temperature, generator=generator)
+            mean = mean.to(server.dtype)
+            if self.preset.point_estimate:
+                posterior = Gaussian(mean, server.precision, family)
+            else:
+                curvature = trainer.curvature(mean).to(server.dtype)
+                if family is ISOTROPIC:
+                    curvature = curvature.mean()
+                precision = server.precision + (curvature / self.temperature - site.quadratic) / rho
+                posterior = Gaussian(mean, precision, family)
+        new_site = self.preset.update_site(site, posterior, server)
+        reply = {
+            "mean": posterior.mean,
+            "precision": posterior.precision,
+            "site_linear": new_site.linear,
+            "site_quadratic": new_site.quadratic,
+            "num_examples": torch.tensor(float(trainer.num_examples)),
+        }
+        new_state.update(site_linear=new_site.linear, site_quadratic=new_site.quadratic)
+        return reply, new_state
+
+    def server_round(self, server, replies, num_clients):
+        family = self.preset.family
+        posteriors = []
+        sites = dict(server.sites)
+        for key, reply in replies.items():
+            try:
+                posteriors.append(Gaussian(reply["mean"], reply["precision"], family))
+                site = NaturalParams(reply["site_linear"], reply["site_quadratic"], family)
+            except (ValueError, NonPositivePrecisionError) as error:
+                log.warning("rejected the reply of client %s: %s", key, error)
+                continue
+            sites[key] = site
+        prior = self._prior(server.arrays["mean"])
+        dim, dtype = prior.dim, prior.dtype
+        all_sites = list(sites.values()) + [NaturalParams.zeros(dim, family, dtype=dtype)] * (num_clients - len(sites))
+        next_round = server.arrays["round"] + 1
+        if not posteriors and self.preset.mixing(num_clients) < 1:
+            return ServerState({**server.arrays, "round": next_round}, server.sites)
+        new = aggregate(
+            prior, posteriors, all_sites, alpha=self.preset.mixing(num_clients), precision_floor=self.precision_floor
+        )
+        return ServerState({"mean": new.mean, "precision": new.precision, "round": next_round}, sites)
+
+    def server_posterior(self, server):
+        return Gaussian(server.arrays["mean"], server.arrays["precision"], self.preset.family)
+
+
+class FedAvg(Algorithm):
+    """FedAvg: local training from the server model; the server averages weighted by client size."""
+
+    name = "fedavg"
+
+    def init_server(self, initial_mean, num_clients):
+        return ServerState({"mean": initial_mean.clone()})
+
+    def _penalty(self, payload: Arrays, state: Arrays, trainer: TorchTrainer) -> NaturalParams | None:
+        return None
+
+    def client_round(self, payload, state, trainer, *, generator):
+        mean = trainer.map(payload["mean"], self._penalty(payload, state, trainer), generator=generator)
+        return {"mean": mean.to(payload["mean"]), "num_examples": torch.tensor(float(trainer.num_examples))}, state
+
+    def server_round(self, server, replies, num_clients):
+        if not replies:
+            return server
+        return ServerState({"mean": _weighted_mean(replies, "mean").to(server.arrays["mean"])})
+
+
+class FedProx(FedAvg):
+    """FedProx: mean loss + ``mu/2 ||w - w_bar||^2`` (squared, as in the paper)."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float) -> None:
+        self.mu = mu
+
+    def _penalty(self, payload, state, trainer):
+        n = trainer.num_examples  # the mean-loss term, in sum-loss units
+        return NaturalParams(
+            n * self.mu * payload["mean"], torch.tensor(n * self.mu, dtype=payload["mean"].dtype), ISOTROPIC
+        )
+
+
+class FedDyn(Algorithm):
+    """FedDyn (Acar et al. 2021), mean loss: client ``min L_k(w) - <g_k, w> + alpha/2 ||w - w_bar||^2``,
+    then ``g_k <- g_k - alpha (w_k - w_bar)``; server ``h <- h - alpha/K sum_S (w_k - w_bar)``,
+    ``w_bar = mean_S w_k - h / alpha``."""
+
+    name = "feddyn"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def init_server(self, initial_mean, num_clients):
+        return ServerState({"mean": initial_mean.clone(), "_h": torch.zeros_like(initial_mean)})
+
+    def client_round(self, payload, state, trainer, *, generator):
+        w_bar = payload["mean"]
+        g = state.get("g", torch.zeros_like(w_bar))
+        n = trainer.num_examples
+        penalty = NaturalParams(
+            n * (self.alpha * w_bar + g), torch.tensor(n * self.alpha, dtype=w_bar.dtype), ISOTROPIC
+        )
+        w = trainer.map(w_bar, penalty, generator=generator).to(w_bar)
+        new_g = g - self.alpha * (w - w_bar)
+        return {"mean": w, "num_examples": torch.tensor(float(n))}, {"g": new_g}
+
+    def server_round(self, server, replies, num_clients):
+        if not replies:
+            return server
+        w_bar = server.arrays["mean"]
+        drift = sum(r["mean"] - w_bar for r in replies.values())
+        h = server.arrays["_h"] - self.alpha / num_clients * drift
+        mean = torch.stack([r["mean"] for r in replies.values()]).mean(0) - h / self.alpha
+        return ServerState({"mean": mean, "_h": h})
+
+
+class FedADMM(Algorithm):
+    """FedADMM (Gong et al. 2022): client ``min l_k(w) + y_k^T w + rho/2 ||w - w_bar||^2``, then
+    ``y_k += rho (w_k - w_bar)``; sends ``delta_k`` = change of ``w_k + y_k / rho``; server
+    ``w_bar += eta / K sum delta_k``."""
+
+    name = "fedadmm"
+
+    def __init__(self, rho: float, server_lr: float = 1.0) -> None:
+        self.rho, self.server_lr = rho, server_lr
+
+    def init_server(self, initial_mean, num_clients):
+        return ServerState({"mean": initial_mean.clone()})
+
+    def client_round(self, payload, state, trainer, *, generator):
+        w_bar = payload["mean"]
+        y = state.get("y", torch.zeros_like(w_bar))
+        augmented_old = state.get("augmented", w_bar)
+        penalty = NaturalParams(self.rho * w_bar - y, torch.tensor(self.rho, dtype=w_bar.dtype), ISOTROPIC)
+        w = trainer.map(w_bar, penalty, generator=generator).to(w_bar)
+        y = y + self.rho * (w - w_bar)
+        augmented = w + y / self.rho
+        reply = {
+            "mean": w,
+            "delta": augmented - augmented_old,
+            "num_examples": torch.tensor(float(trainer.num_examples)),
+        }
+        return reply, {"y": y, "augmented": augmented}
+
+    def server_round(self, server, replies, num_clients):
+        if not replies:
+            return server
+        step = sum(r["delta"] for r in replies.values())
+        return ServerState({"mean": server.arrays["mean"] + self.server_lr / num_clients * step})
+
+
+class Scaffold(Algorithm):
+    """SCAFFOLD (Karimireddy et al. 2020), option II: SGD on ``mean loss + (c - c_k)^T y`` (the
+    corrected gradient), ``c_k+ = c_k - c + (w_bar - y) / (T lr)``; server ``w_bar += eta mean dy``,
+    ``c += |S|/K mean dc``. Clients always use SGD."""
+
+    name = "scaffold"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
+
+    def init_server(self, initial_mean, num_clients):
+        return ServerState({"mean": initial_mean.clone(), "control": torch.zeros_like(initial_mean)})
+
+    def client_round(self, payload, state, trainer, *, generator):
+        w_bar, c = payload["mean"], payload["control"]
+        c_k = state.get("control", torch.zeros_like(w_bar))
+        n = trainer.num_examples
+        penalty = NaturalParams(n * (c_k - c), torch.tensor(0.0, dtype=w_bar.dtype), ISOTROPIC)
+        y = trainer.map(w_bar, penalty, generator=generator, optimizer="sgd").to(w_bar)
+        c_new = c_k - c + (w_bar - y) / (trainer.steps_per_round() * trainer.settings.lr)
+        reply = {"delta_mean": y - w_bar, "delta_control": c_new - c_k, "num_examples": torch.tensor(float(n))}
+        return reply, {"control": c_new}
+
+    def server_round(self, server, replies, num_clients):
+        if not replies:
+            return server
+        dy = torch.stack([r["delta_mean"] for r in replies.values()]).mean(0)
+        dc = torch.stack([r["delta_control"] for r in replies.values()]).mean(0)
+        return ServerState(
+            {
+                "mean": server.arrays["mean"] + self.server_lr * dy,
+                "control": server.arrays["control"] + len(replies) / num_clients * dc,
+            }
+        )

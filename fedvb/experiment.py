@@ -1,0 +1,258 @@
+"""From a :class:`~fedvb.config.RunConfig` to the pieces of a run, the same on every backend.
+
+Data, partitions and the initial model are deterministic functions of the
+configuration, so a Ray actor, a ``flwr run`` process and the in-process
+backend all rebuild identical clients from the configuration alone (cached
+per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedvb.config import ConfigError, RunConfig
+from fedvb.core.algorithms import Algorithm, BayesADMM, FedADMM, FedAvg, FedDyn, FedProx, Scaffold
+from fedvb.core.duality import Preset
+from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, family_by_name
+from fedvb.core.trainers import LocalSettings, TorchTrainer
+from fedvb.data import Dataset, load_dataset, partition_indices
+from fedvb.models import build_model
+
+__all__ = [
+    "Prepared",
+    "client_generator",
+    "evaluate",
+    "initial_mean",
+    "make_algorithm",
+    "make_trainer",
+    "prepare",
+    "resolve_device",
+]
+
+DEFAULT_SOLVER = {
+    "fedlap": "laplace",
+    "fedlap-cov": "laplace",
+    "ivon-admm": "ivon",
+    "bayes-admm-newton": "exact",
+    "pvi": "laplace",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """The dataset and each client's training rows."""
+
+    dataset: Dataset
+    parts: list[np.ndarray]
+    model_name: str
+
+
+def _key(config: RunConfig) -> str:
+    """The configuration keys that decide data and model (cache key)."""
+    keys = ("dataset", "data", "model", "num_clients", "seed", "data_dir", "preprocessing", "partition",
+            "partition_alpha", "hidden", "activation", "data_fraction")  # fmt: skip
+    return json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
+
+
+def prepare(config: RunConfig) -> Prepared:
+    return _prepare_cached(_key(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _prepare_cached(key: str) -> Prepared:
+    config = RunConfig.from_mapping(json.loads(key))
+    if config.data:
+        dataset = _load_npz(config)
+        model_name = "linear" if config.model == "linear" else "softmax"
+    else:
+        dataset = load_dataset(
+            config.dataset, data_dir=config.data_dir or None, preprocessing=config.preprocessing, seed=config.seed
+        )
+        model_name = config.model or ("mlp" if len(dataset.input_shape) == 3 else "softmax")
+    if config.data_fraction < 1.0:
+        dataset = _subsample(dataset, config.data_fraction, config.seed)
+    if dataset.natural_clients is not None and config.partition in ("natural", "papers-dirichlet"):
+        scheme = "natural"
+    else:
+        scheme = config.partition
+    options = {"alpha": config.partition_alpha} if scheme == "dirichlet" else {}
+    labels = dataset.y_train if dataset.task == "classification" else np.zeros(len(dataset.y_train), dtype=np.int64)
+    parts = partition_indices(
+        labels, scheme, config.num_clients, seed=config.seed, natural=dataset.natural_clients, **options
+    )
+    empty = [k for k, rows in enumerate(parts) if len(rows) == 0]
+    if empty:
+        raise ConfigError("num_clients", f"clients {empty} get no data under partition {scheme!r}; use fewer clients")
+    return Prepared(dataset, parts, model_name)
+
+
+def _subsample(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """A seeded random ``fraction`` of the training rows (the papers' "10% of the data"); test set unchanged."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    rows = np.sort(rng.permutation(len(dataset.y_train))[: max(1, int(round(fraction * len(dataset.y_train))))])
+    natural = None if dataset.natural_clients is None else dataset.natural_clients[rows]
+    return dataclasses.replace(
+        dataset, x_train=dataset.x_train[rows], y_train=dataset.y_train[rows], natural_clients=natural
+    )
+
+
+def _load_npz(config: RunConfig) -> Dataset:
+    """Bring-your-own data: ``x`` (N, d), ``y`` (N,), ``client`` (N,) and optionally ``x_test``, ``y_test``."""
+    try:
+        z = np.load(config.data)
+    except (OSError, ValueError) as error:
+        raise ConfigError("data", f"cannot read {config.data}: {error}") from None
+    with z:
+        for key in ("x", "y", "client"):
+            if key not in z.files:
+                raise ConfigError("data", f"{config.data} lacks the array {key!r} (has {', '.join(z.files)})")
+        x, y, client = z["x"], z["y"], z["client"]
+        x_test = z["x_test"] if "x_test" in z.files else x[:0]
+        y_test = z["y_test"] if "y_test" in z.files else y[:0]
+    if x.ndim != 2 or len(y) != len(x) or len(client) != len(x):
+        raise ConfigError(
+            "data", f"x must be (N, d) with y and client of length N; got {x.shape}, {y.shape}, {client.shape}"
+        )
+    if not np.isfinite(x).all():
+        raise ConfigError("data", "x has non-finite values")
+    classes = 0
+    if config.model == "logreg":
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise ConfigError("data", "y must hold non-negative integer classes for --model logreg")
+        classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+        y, y_test = y.astype(np.int64), y_test.astype(np.int64)
+    else:
+        y, y_test = y.astype(np.float32), y_test.astype(np.float32)
+    ids = np.unique(client)
+    remap = {c: k for k, c in enumerate(ids)}
+    natural = np.asarray([remap[c] for c in client])
+    if len(ids) != config.num_clients:
+        raise ConfigError("num_clients", f"{config.data} has {len(ids)} clients in 'client', got {config.num_clients}")
+    return Dataset("npz", x.astype(np.float32), y, x_test.astype(np.float32), y_test, classes, natural_clients=natural)
+
+
+def resolve_device(config: RunConfig) -> torch.device:
+    """The one place the device is chosen: ``auto`` takes the GPU Ray (or the user) made visible."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def build_run_model(config: RunConfig, prepared: Prepared) -> torch.nn.Module:
+    dataset = prepared.dataset
+    options = {"hidden": config.hidden_sizes, "activation": config.activation} if prepared.model_name == "mlp" else {}
+    return build_model(prepared.model_name, dataset.input_shape, dataset.num_classes, **options)
+
+
+def initial_mean(config: RunConfig) -> Tensor:
+    """The model's initialisation under the run seed, flattened (float64 for the server's algebra)."""
+    prepared = prepare(config)
+    torch.manual_seed(config.seed)
+    model = build_run_model(config, prepared)
+    if prepared.model_name in ("linear", "softmax"):
+        return torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)  # the papers' zero init
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().double()
+
+
+def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
+    prepared = prepare(config)
+    rows = prepared.parts[partition_id]
+    dataset = prepared.dataset
+    settings = LocalSettings(
+        lr=config.lr, local_epochs=config.local_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
+        ivon_hess_init=config.ivon_hess_init, ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples,
+    )  # fmt: skip
+    model = build_run_model(config, prepared)
+    return TorchTrainer(
+        model,
+        torch.as_tensor(dataset.x_train[rows]),
+        torch.as_tensor(dataset.y_train[rows]),
+        dataset.task,
+        settings,
+        device=resolve_device(config),
+    )
+
+
+def make_algorithm(config: RunConfig) -> Algorithm:
+    name = config.strategy
+    if name == "fedavg":
+        return FedAvg()
+    if name == "fedprox":
+        return FedProx(config.proximal_mu)
+    if name == "feddyn":
+        return FedDyn(config.feddyn_alpha)
+    if name == "fedadmm":
+        return FedADMM(config.admm_rho, config.server_lr)
+    if name == "scaffold":
+        return Scaffold(config.server_lr)
+    alpha = config.alpha or None
+    presets = {
+        "fedlap": Preset("fedlap", ISOTROPIC, 1.0, config.damping, 1.0, point_estimate=True),
+        "fedlap-cov": Preset("fedlap-cov", DIAGONAL, 1.0, config.damping, 1.0),
+        "ivon-admm": Preset("ivon-admm", DIAGONAL, config.rho, config.damping, alpha),
+        "bayes-admm-newton": Preset("bayes-admm-newton", DENSE, config.rho, config.damping, alpha),
+        "pvi": Preset("pvi", family_by_name(config.family or "diagonal"), 1.0, config.damping, 1.0),
+    }
+    solver = config.solver or DEFAULT_SOLVER[name]
+    if solver == "exact" and prepare(config).model_name not in ("linear", "softmax"):
+        raise ConfigError("solver", f"the exact solver needs model linear or softmax, got {prepare(config).model_name}")
+    return BayesADMM(
+        presets[name],
+        prior_precision=config.prior_precision,
+        solver=solver,
+        temperature=config.temperature,
+        precision_floor=config.precision_floor or None,
+    )
+
+
+def client_generator(config: RunConfig, server_round: int, partition_id: int) -> torch.Generator:
+    """One random stream per (run, round, client): results do not depend on execution order or backend."""
+    seed = np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+def evaluate(config: RunConfig, mean: Tensor, posterior: Gaussian | None) -> dict[str, float]:
+    """Server-model metrics on the test set: accuracy and NLL (classification) or MSE and NLL (regression);
+    for a posterior also the Monte Carlo predictive (``eval_samples`` draws from ``N(m_bar, S_bar^-1)``)."""
+    prepared = prepare(config)
+    dataset = prepared.dataset
+    if len(dataset.y_test) == 0:
+        return {}
+    trainer = _eval_trainer(_key(config), config.device)
+    x = torch.as_tensor(dataset.x_test)
+    y = torch.as_tensor(dataset.y_test)
+    metrics = _score(trainer.predict(mean.float(), x).cpu(), y, dataset.task)
+    if posterior is not None and config.eval_samples > 0 and (posterior.family is not DENSE or posterior.dim <= 4096):
+        generator = torch.Generator().manual_seed(config.seed + 12345)
+        draws = posterior.sample(config.eval_samples, generator)
+        average = sum(trainer.predict(theta.float(), x).cpu() for theta in draws) / config.eval_samples
+        metrics.update({f"predictive_{k}": v for k, v in _score(average, y, dataset.task).items()})
+    return metrics
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_trainer(key: str, device: str) -> TorchTrainer:
+    config = RunConfig.from_mapping({**json.loads(key), "device": device})
+    prepared = prepare(config)
+    empty = torch.zeros(0)
+    return TorchTrainer(build_run_model(config, prepared), empty, empty, prepared.dataset.task, LocalSettings(),
+                        device=resolve_device(config))  # fmt: skip
+
+
+def _score(output: Tensor, y: Tensor, task: str) -> dict[str, float]:
+    if task == "regression":
+        mse = float(((output - y) ** 2).mean())
+        return {"mse": mse, "nll": 0.5 * mse + 0.5 * math.log(2 * math.pi)}
+    probs = output.clamp_min(1e-12)
+    return {
+        "accuracy": float((probs.argmax(1) == y).float().mean()),
+        "nll": float(-torch.log(probs[torch.arange(len(y)), y]).mean()),
+    }
