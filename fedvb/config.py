@@ -17,7 +17,7 @@ __all__ = ["STRATEGIES", "ConfigError", "RunConfig", "describe_fields"]
 
 STRATEGIES = (
     "fedavg", "fedprox", "feddyn", "fedadmm", "scaffold",
-    "fedlap", "fedlap-cov", "ivon-admm", "bayes-admm-newton", "pvi",
+    "fedlap", "fedlap-cov", "fedlap-func", "ivon-admm", "bayes-admm-newton", "pvi",
 )  # fmt: skip
 BACKENDS = ("inprocess", "ray")
 OPTIMIZERS = ("adam", "sgd")
@@ -58,6 +58,9 @@ class RunConfig:
     )
     partition: str = field(default="papers-dirichlet", metadata=_meta("split over clients (fedvb.data.SCHEMES)"))
     partition_alpha: float = field(default=0.5, metadata=_meta("Dirichlet concentration of 'dirichlet'", gt=0))
+    local_test_fraction: float = field(
+        default=0.2, metadata=_meta("share of each client's rows kept as its local test split", ge=0, lt=1)
+    )
     fraction_train: float = field(default=1.0, metadata=_meta("fraction of clients per round", gt=0, max=1))
     prior_precision: float = field(default=1.0, metadata=_meta("delta: prior N(0, 1/delta I)", gt=0))
     rho: float = field(default=1.0, metadata=_meta("KL weight / ADMM penalty of BayesADMM presets", gt=0))
@@ -77,6 +80,12 @@ class RunConfig:
     feddyn_alpha: float = field(default=0.01, metadata=_meta("FedDyn alpha", gt=0))
     admm_rho: float = field(default=0.01, metadata=_meta("FedADMM penalty rho", gt=0))
     server_lr: float = field(default=1.0, metadata=_meta("FedADMM / SCAFFOLD server step", gt=0))
+    func_inputs: int = field(
+        default=256, metadata=_meta("fedlap-func: unlabelled inputs held out for the server", min=1)
+    )
+    func_weight: float = field(default=1.0, metadata=_meta("fedlap-func: weight beta of the function-space term", ge=0))
+    func_steps: int = field(default=50, metadata=_meta("fedlap-func: server Adam steps per round", min=0))
+    func_lr: float = field(default=0.01, metadata=_meta("fedlap-func: server Adam learning rate", gt=0))
     ivon_hess_init: float = field(default=0.1, metadata=_meta("IVON initial h", ge=0))
     ivon_beta2: float = field(default=0.99995, metadata=_meta("IVON beta2", ge=0, lt=1))
     ivon_mc_samples: int = field(default=1, metadata=_meta("IVON Monte Carlo samples per step", min=1))

@@ -19,15 +19,16 @@ import torch
 from torch import Tensor
 
 from fedvb.config import ConfigError, RunConfig
-from fedvb.core.algorithms import Algorithm, BayesADMM, FedADMM, FedAvg, FedDyn, FedProx, Scaffold
+from fedvb.core.algorithms import Algorithm, BayesADMM, FedADMM, FedAvg, FedDyn, FedLapFunc, FedProx, Scaffold
 from fedvb.core.duality import Preset
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, family_by_name
 from fedvb.core.trainers import LocalSettings, TorchTrainer
-from fedvb.data import Dataset, load_dataset, partition_indices
+from fedvb.data import Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
 from fedvb.models import build_model
 
 __all__ = [
     "Prepared",
+    "write_label_distribution",
     "client_generator",
     "evaluate",
     "initial_mean",
@@ -40,6 +41,7 @@ __all__ = [
 DEFAULT_SOLVER = {
     "fedlap": "laplace",
     "fedlap-cov": "laplace",
+    "fedlap-func": "laplace",
     "ivon-admm": "ivon",
     "bayes-admm-newton": "exact",
     "pvi": "laplace",
@@ -53,13 +55,17 @@ class Prepared:
     dataset: Dataset
     parts: list[np.ndarray]
     model_name: str
+    unlabelled: np.ndarray | None = None  # fedlap-func's server inputs, held out of every client
+    local_tests: list[np.ndarray] | None = None  # each client's local test rows (of the training set)
 
 
 def _key(config: RunConfig) -> str:
     """The configuration keys that decide data and model (cache key)."""
     keys = ("dataset", "data", "model", "num_clients", "seed", "data_dir", "preprocessing", "partition",
-            "partition_alpha", "hidden", "activation", "data_fraction")  # fmt: skip
-    return json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
+            "partition_alpha", "hidden", "activation", "data_fraction", "local_test_fraction")  # fmt: skip
+    values = {k: getattr(config, k) for k in keys}
+    values["func_inputs"] = config.func_inputs if config.strategy == "fedlap-func" else 0
+    return json.dumps(values, sort_keys=True)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -68,7 +74,9 @@ def prepare(config: RunConfig) -> Prepared:
 
 @functools.lru_cache(maxsize=4)
 def _prepare_cached(key: str) -> Prepared:
-    config = RunConfig.from_mapping(json.loads(key))
+    values = json.loads(key)
+    held_out = values.pop("func_inputs")
+    config = RunConfig.from_mapping(values)
     if config.data:
         dataset = _load_npz(config)
         model_name = "linear" if config.model == "linear" else "softmax"
@@ -79,6 +87,15 @@ def _prepare_cached(key: str) -> Prepared:
         model_name = config.model or ("mlp" if len(dataset.input_shape) == 3 else "softmax")
     if config.data_fraction < 1.0:
         dataset = _subsample(dataset, config.data_fraction, config.seed)
+    unlabelled = None
+    if held_out:  # a held-out slice of the training distribution, labels discarded
+        order = np.random.default_rng(np.random.SeedSequence([config.seed, 9])).permutation(len(dataset.y_train))
+        unlabelled = dataset.x_train[np.sort(order[:held_out])]
+        keep = np.sort(order[held_out:])
+        natural = None if dataset.natural_clients is None else dataset.natural_clients[keep]
+        dataset = dataclasses.replace(
+            dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep], natural_clients=natural
+        )
     if dataset.natural_clients is not None and config.partition in ("natural", "papers-dirichlet"):
         scheme = "natural"
     else:
@@ -88,10 +105,11 @@ def _prepare_cached(key: str) -> Prepared:
     parts = partition_indices(
         labels, scheme, config.num_clients, seed=config.seed, natural=dataset.natural_clients, **options
     )
-    empty = [k for k, rows in enumerate(parts) if len(rows) == 0]
+    splits = [local_test_split(rows, config.local_test_fraction, config.seed, k) for k, rows in enumerate(parts)]
+    empty = [k for k, (train, _) in enumerate(splits) if len(train) == 0]
     if empty:
         raise ConfigError("num_clients", f"clients {empty} get no data under partition {scheme!r}; use fewer clients")
-    return Prepared(dataset, parts, model_name)
+    return Prepared(dataset, [t for t, _ in splits], model_name, unlabelled, [t for _, t in splits])
 
 
 def _subsample(dataset: Dataset, fraction: float, seed: int) -> Dataset:
@@ -197,6 +215,7 @@ def make_algorithm(config: RunConfig) -> Algorithm:
     presets = {
         "fedlap": Preset("fedlap", ISOTROPIC, 1.0, config.damping, 1.0, point_estimate=True),
         "fedlap-cov": Preset("fedlap-cov", DIAGONAL, 1.0, config.damping, 1.0),
+        "fedlap-func": Preset("fedlap-func", ISOTROPIC, 1.0, config.damping, 1.0, point_estimate=True),
         "ivon-admm": Preset("ivon-admm", DIAGONAL, config.rho, config.damping, alpha),
         "bayes-admm-newton": Preset("bayes-admm-newton", DENSE, config.rho, config.damping, alpha),
         "pvi": Preset("pvi", family_by_name(config.family or "diagonal"), 1.0, config.damping, 1.0),
@@ -204,13 +223,21 @@ def make_algorithm(config: RunConfig) -> Algorithm:
     solver = config.solver or DEFAULT_SOLVER[name]
     if solver == "exact" and prepare(config).model_name not in ("linear", "softmax"):
         raise ConfigError("solver", f"the exact solver needs model linear or softmax, got {prepare(config).model_name}")
-    return BayesADMM(
-        presets[name],
+    common = dict(
         prior_precision=config.prior_precision,
         solver=solver,
         temperature=config.temperature,
         precision_floor=config.precision_floor or None,
     )
+    if name == "fedlap-func":
+        prepared = prepare(config)
+        if prepared.dataset.task != "classification":
+            raise ConfigError("strategy", "fedlap-func needs a classification dataset (soft labels)")
+        return FedLapFunc(
+            presets[name], inputs=torch.as_tensor(prepared.unlabelled), weight=config.func_weight,
+            steps=config.func_steps, lr=config.func_lr, model=_eval_trainer(_key(config), "cpu"), **common,
+        )  # fmt: skip
+    return BayesADMM(presets[name], **common)
 
 
 def client_generator(config: RunConfig, server_round: int, partition_id: int) -> torch.Generator:
@@ -235,12 +262,36 @@ def evaluate(config: RunConfig, mean: Tensor, posterior: Gaussian | None) -> dic
         draws = posterior.sample(config.eval_samples, generator)
         average = sum(trainer.predict(theta.float(), x).cpu() for theta in draws) / config.eval_samples
         metrics.update({f"predictive_{k}": v for k, v in _score(average, y, dataset.task).items()})
+    if dataset.task == "classification" and prepared.local_tests and all(len(t) for t in prepared.local_tests):
+        # the server model on each client's local test split: how evenly it serves the clients
+        rows = np.concatenate(prepared.local_tests)
+        correct = (trainer.predict(mean.float(), torch.as_tensor(dataset.x_train[rows])).cpu().argmax(1)
+                   == torch.as_tensor(dataset.y_train[rows])).float().numpy()  # fmt: skip
+        bounds = np.cumsum([0] + [len(t) for t in prepared.local_tests])
+        per_client = np.array([correct[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
+        metrics.update(
+            client_accuracy_mean=float(per_client.mean()),
+            client_accuracy_worst=float(per_client.min()),
+            client_accuracy_std=float(per_client.std()),
+        )
     return metrics
+
+
+def write_label_distribution(config: RunConfig, path) -> None:
+    """The picture of each client's training labels, for the run folder."""
+    prepared = prepare(config)
+    if prepared.dataset.task == "classification":
+        title = f"{config.dataset if not config.data else 'npz'}: {config.partition}, {config.num_clients} clients"
+        plot_label_distribution(
+            prepared.dataset.y_train, prepared.parts, path, class_names=prepared.dataset.class_names, title=title
+        )
 
 
 @functools.lru_cache(maxsize=2)
 def _eval_trainer(key: str, device: str) -> TorchTrainer:
-    config = RunConfig.from_mapping({**json.loads(key), "device": device})
+    values = json.loads(key)
+    values.pop("func_inputs")
+    config = RunConfig.from_mapping({**values, "device": device})
     prepared = prepare(config)
     empty = torch.zeros(0)
     return TorchTrainer(build_run_model(config, prepared), empty, empty, prepared.dataset.task, LocalSettings(),

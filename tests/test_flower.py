@@ -23,6 +23,7 @@ def small_config(strategy: str, tmp_path, **changes) -> RunConfig:
         local_epochs=2,
         batch_size=16,
         eval_samples=0,
+        func_inputs=20,
     )
     if strategy == "ivon-admm":
         values.update(lr=0.002, ivon_beta2=0.999)
@@ -56,6 +57,7 @@ def test_inprocess_flower_run_matches_the_plain_loop(strategy, tmp_path):
     assert np.linalg.norm(flower_mean - expected) <= 1e-6 * max(1.0, np.linalg.norm(expected))
     assert np.linalg.norm(expected - initial_mean(config).numpy()) > 1e-3  # it trained
     assert has_precision == (strategy not in ("fedavg", "fedprox", "feddyn", "fedadmm", "scaffold"))
+    assert (tmp_path / strategy / "summary.json").exists()
     rows = [json.loads(line) for line in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all({"accuracy", "nll", "wall_time_s"} <= set(r) for r in rows)
@@ -78,7 +80,8 @@ def test_bayes_admm_newton_over_flower_is_exact_on_linear_regression(tmp_path):
     np.savez(tmp_path / "data.npz", x=x, y=y, client=client, x_test=x[:10], y_test=y[:10])
     config = RunConfig.from_mapping(
         dict(strategy="bayes-admm-newton", data=str(tmp_path / "data.npz"), model="linear", num_clients=4,
-             rounds=1, rho=0.25, prior_precision=2.0, out=str(tmp_path / "run"), eval_samples=0)
+             rounds=1, rho=0.25, prior_precision=2.0, out=str(tmp_path / "run"), eval_samples=0,
+             local_test_fraction=0.0)
     )  # fmt: skip
     run(config)
     x32 = x.astype(np.float32).astype(np.float64)

@@ -48,7 +48,7 @@ def test_ray_backend_attached_to_a_cluster_matches_inprocess(strategy, ray_clust
     values = dict(
         strategy=strategy, dataset="synthetic-logistic", model="softmax", num_clients=5, rounds=2,
         lr=0.002 if strategy == "ivon-admm" else 0.02, ivon_beta2=0.999, local_epochs=2, batch_size=16,
-        eval_samples=0,
+        eval_samples=0, func_inputs=20,
     )  # fmt: skip
     on_ray = RunConfig.from_mapping(
         {**values, "backend": "ray", "ray_address": ray_cluster, "out": str(tmp_path / "r")}

@@ -31,6 +31,7 @@ from fedvb.core.trainers import TorchTrainer
 __all__ = [
     "Algorithm",
     "BayesADMM",
+    "FedLapFunc",
     "FedADMM",
     "FedAvg",
     "FedDyn",
@@ -55,6 +56,7 @@ class Algorithm(ABC):
     """A federated algorithm as pure steps; see the module docstring."""
 
     name: str
+    uncertainty = False  # True when the server's Gaussian is a posterior worth sampling for predictions
 
     @abstractmethod
     def init_server(self, initial_mean: Tensor, num_clients: int) -> ServerState: ...
@@ -109,6 +111,8 @@ class BayesADMM(Algorithm):
             raise ValueError(f"solver: unknown {solver!r}; allowed: exact, laplace, ivon")
         self.preset, self.solver = preset, solver
         self.name = preset.name
+        # FedLap's fixed precision is a prior scale, not a posterior: no predictive sampling for it.
+        self.uncertainty = not preset.point_estimate
         self.prior_precision, self.temperature, self.precision_floor = prior_precision, temperature, precision_floor
 
     def _prior(self, like: Tensor) -> Gaussian:
@@ -187,6 +191,61 @@ class BayesADMM(Algorithm):
 
     def server_posterior(self, server):
         return Gaussian(server.arrays["mean"], server.arrays["precision"], self.preset.family)
+
+
+class FedLapFunc(BayesADMM):
+    """FedLap plus function-space information on unlabelled inputs (papers.md §2.4), K-prior style.
+
+    The server holds unlabelled inputs ``U``. Each client trains as in FedLap and
+    also returns its local model's predicted probabilities ``p_k(x)`` on ``U``.
+    After FedLap's update (``m_lap = (S0 m0 + sum_k v_k) / delta``) the server
+    fits its model's predictions to the clients' soft labels::
+
+        m_bar = argmin_w  delta/2 ||w - m_lap||^2 + beta sum_{x in U} CE(p_avg(x), softmax f_w(x)),
+        p_avg = sum_{k replied} N_k p_k / sum_{k replied} N_k,
+
+    by ``steps`` Adam steps from ``m_lap``. The quadratic term is FedLap's own
+    Gaussian (precision ``delta``), so ``beta = 0`` is FedLap exactly; the
+    function-space term carries what a weight-space Gaussian loses about the
+    clients' functions (the K-prior idea of reconstructing past gradients from
+    soft labels on stored inputs).
+    """
+
+    def __init__(self, preset, *, inputs: Tensor, weight: float, steps: int, lr: float, model, **kwargs) -> None:
+        super().__init__(preset, **kwargs)
+        self.name = "fedlap-func"
+        self.inputs, self.weight, self.steps, self.lr = inputs, weight, steps, lr
+        self.model = model  # a TorchTrainer without data: the server's copy of the model
+
+    def client_round(self, payload, state, trainer, *, generator):
+        reply, new_state = super().client_round(payload, state, trainer, generator=generator)
+        reply["soft_labels"] = trainer.predict(reply["mean"].float(), self.inputs).to(reply["mean"].dtype)
+        return reply, new_state
+
+    def function_space_loss(self, theta: Tensor, soft_labels: Tensor) -> Tensor:
+        """``sum_{x in U} CE(p_avg(x), softmax f_theta(x))``."""
+        logits = self.model.logits_at(theta.float(), self.inputs)
+        return -(soft_labels.float() * torch.log_softmax(logits, -1)).sum()
+
+    def server_round(self, server, replies, num_clients):
+        new = super().server_round(server, replies, num_clients)
+        if not replies or self.weight == 0:
+            return new
+        weights = torch.stack([r["num_examples"].double() for r in replies.values()])
+        soft = sum(w * r["soft_labels"] for w, r in zip(weights, replies.values())) / weights.sum()
+        anchor = new.arrays["mean"]
+        theta = anchor.clone().float().requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=self.lr)
+        delta = float(self.prior_precision)
+        for _ in range(self.steps):
+            opt.zero_grad()
+            objective = 0.5 * delta * ((theta - anchor.float()) ** 2).sum() + self.weight * self.function_space_loss(
+                theta, soft
+            )
+            objective.backward()
+            opt.step()
+        refined = theta.detach().to(anchor.dtype)
+        return ServerState({**new.arrays, "mean": refined}, new.sites)
 
 
 class FedAvg(Algorithm):

@@ -211,6 +211,17 @@ class TorchTrainer:
         return solve_softmax_regression(x, self.y, classes, server, site, **kwargs)
 
     # -- prediction --------------------------------------------------------------------------
+    def logits_at(self, theta: Tensor, x: Tensor) -> Tensor:
+        """The model's outputs at the flat parameters ``theta``, differentiable in ``theta``."""
+        shapes = [(name, p.shape) for name, p in self.model.named_parameters() if p.requires_grad]
+        params, start = {}, 0
+        for name, shape in shapes:
+            size = math.prod(shape)
+            params[name] = theta[start : start + size].reshape(shape)
+            start += size
+        self.model.eval()
+        return torch.func.functional_call(self.model, params, (x.to(self.device),))
+
     def predict(self, theta: Tensor, x: Tensor) -> Tensor:
         """Class probabilities (or regression outputs) of the model at ``theta``."""
         self.set_flat(theta)

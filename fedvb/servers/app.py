@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedvb.config import RunConfig
-from fedvb.experiment import evaluate
+from fedvb.experiment import evaluate, write_label_distribution
 from fedvb.servers.runfolder import RunFolder
 from fedvb.strategies import make_strategy
 
@@ -21,6 +21,7 @@ def run_server(grid: Grid, config: RunConfig) -> RunFolder:
 
     torch.set_num_threads(1)
     folder = RunFolder(config)
+    write_label_distribution(config, folder.path / "labels.png")
     strategy = make_strategy(config)
     started = last = time.perf_counter()
 
@@ -29,7 +30,8 @@ def run_server(grid: Grid, config: RunConfig) -> RunFolder:
         if server_round == 0:
             return None
         now = time.perf_counter()
-        metrics = evaluate(config, strategy.mean(), strategy.posterior())
+        posterior = strategy.posterior() if strategy.algorithm.uncertainty else None
+        metrics = evaluate(config, strategy.mean(), posterior)
         row = {"round": server_round, **metrics, "wall_time_s": now - last, "elapsed_s": now - started}
         folder.log_round(row)
         last = time.perf_counter()
