@@ -25,7 +25,7 @@ module; none of them has algebra of its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from fedvb.core.gaussian import (
@@ -169,9 +169,6 @@ class Preset:
     def update_site(self, site: NaturalParams, client: Gaussian, server: Gaussian) -> NaturalParams:
         step = site_update if self.dual_space == "natural" else bregman_site_update
         return step(site, client, server, rho=self.rho, damping=self.damping)
-
-    def with_overrides(self, **changes) -> Preset:
-        return replace(self, **changes)
 
 
 def bayes_admm(family: Family, rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:

@@ -376,12 +376,6 @@ class NaturalParams:
     def __truediv__(self, scale: float) -> NaturalParams:
         return self * (1.0 / scale)
 
-    def to(self, *args, **kwargs) -> NaturalParams:
-        return NaturalParams(self.linear.to(*args, **kwargs), self.quadratic.to(*args, **kwargs), self.family)
-
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.linear).all()) and bool(torch.isfinite(self.quadratic).all())
-
 
 def sum_natural(items: list[NaturalParams] | tuple[NaturalParams, ...]) -> NaturalParams:
     """The sum of a non-empty sequence of natural parameters."""
