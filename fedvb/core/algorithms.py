@@ -146,11 +146,11 @@ class BayesADMM(Algorithm):
         else:
             cavity = rho * server.natural() - site
             mean = trainer.map(server.mean, cavity, temperature=self.temperature, generator=generator)
-            mean = mean.to(server.dtype)
+            mean = mean.to(server.mean)  # the server's dtype and device (the trainer may be on a GPU)
             if self.preset.point_estimate:
                 posterior = Gaussian(mean, server.precision, family)
             else:
-                curvature = trainer.curvature(mean).to(server.dtype)
+                curvature = trainer.curvature(mean).to(server.mean)
                 if family is ISOTROPIC:
                     curvature = curvature.mean()
                 precision = server.precision + (curvature / self.temperature - site.quadratic) / rho
@@ -219,7 +219,7 @@ class FedLapFunc(BayesADMM):
 
     def client_round(self, payload, state, trainer, *, generator):
         reply, new_state = super().client_round(payload, state, trainer, generator=generator)
-        reply["soft_labels"] = trainer.predict(reply["mean"].float(), self.inputs).to(reply["mean"].dtype)
+        reply["soft_labels"] = trainer.predict(reply["mean"].float(), self.inputs).to(reply["mean"])
         return reply, new_state
 
     def function_space_loss(self, theta: Tensor, soft_labels: Tensor) -> Tensor:

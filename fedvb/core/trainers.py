@@ -172,6 +172,10 @@ class TorchTrainer:
             raise ValueError(f"ivon solver needs a diagonal or isotropic family, got {server.family.name}")
         params = self._params()
         s = self.settings
+        batch_generator = generator
+        if self.device.type != "cpu":  # weight noise is drawn where the weights live, from a stream seeded by ours
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         opt = IVON(
             params, lr=s.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
             beta2=s.ivon_beta2, generator=generator,
@@ -187,7 +191,7 @@ class TorchTrainer:
         if state:
             opt.restore_momentum(state["ivon_momentum"].to(self.device), int(state["ivon_step"].item()))
         self.model.train()
-        for xb, yb in self._batches(generator):
+        for xb, yb in self._batches(batch_generator):
             for _ in range(s.ivon_mc_samples):
                 with opt.sampled_params(train=True):
                     opt.zero_grad()
@@ -203,12 +207,13 @@ class TorchTrainer:
         self, server: Gaussian, site: NaturalParams, *, rho: float, temperature: float, point_estimate: bool
     ) -> Gaussian:
         """Closed form (``linear`` model) or Newton (``softmax`` model): no bias, one weight matrix."""
-        x = self.x.reshape(self.num_examples, -1).to(server.dtype)
+        x = self.x.reshape(self.num_examples, -1).to(server.mean)  # solve where the server's tensors are
+        y = self.y.to(server.mean.device)
         kwargs = dict(rho=rho, temperature=temperature, point_estimate=point_estimate)
         if self.task == "regression":
-            return solve_linear_regression(x, self.y.to(server.dtype), server, site, **kwargs)
+            return solve_linear_regression(x, y.to(server.dtype), server, site, **kwargs)
         classes = server.dim // x.shape[1]
-        return solve_softmax_regression(x, self.y, classes, server, site, **kwargs)
+        return solve_softmax_regression(x, y, classes, server, site, **kwargs)
 
     # -- prediction --------------------------------------------------------------------------
     def logits_at(self, theta: Tensor, x: Tensor) -> Tensor:

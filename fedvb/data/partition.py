@@ -121,12 +121,23 @@ def partition_indices(
     **options,
 ) -> list[np.ndarray]:
     """Training-row indices of each client under ``scheme`` (see the module docstring)."""
-    from flwr_datasets import partitioner as fp
-
     if num_clients < 1:
         raise ValueError(f"num_clients: must be >= 1, got {num_clients}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"partition: unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    if scheme == "papers-dirichlet":
+        return _papers_dirichlet(
+            labels, num_clients, rng, options.get("size_alpha", 1.0), options.get("class_alpha", 0.5),
+            options.get("min_partition_size", 2),
+        )  # fmt: skip
+    if scheme == "two-class":
+        return _two_class(
+            labels, num_clients, rng, options.get("classes_per_client", 2), options.get("points_per_class", 300)
+        )
+    from flwr_datasets import partitioner as fp  # only the schemes that flwr-datasets provides need it
+
     if scheme == "iid":
         return _flwr_partition(fp.IidPartitioner(num_clients), labels, None, seed)
     if scheme == "dirichlet":
@@ -153,18 +164,8 @@ def partition_indices(
             raise ValueError(f"num_clients: the data has {found} natural clients, got {num_clients}")
         parts = _flwr_partition(fp.NaturalIdPartitioner("client"), labels, natural, seed)
         return sorted(parts, key=lambda rows: int(natural[rows[0]]))  # client k = natural id k
-    if scheme == "size":
-        sizes = options.get("sizes") or _even_sizes(len(labels), num_clients)
-        return _flwr_partition(fp.SizePartitioner(sizes), labels, None, seed)
-    if scheme == "papers-dirichlet":
-        return _papers_dirichlet(
-            labels, num_clients, rng, options.get("size_alpha", 1.0), options.get("class_alpha", 0.5)
-        )
-    if scheme == "two-class":
-        return _two_class(
-            labels, num_clients, rng, options.get("classes_per_client", 2), options.get("points_per_class", 300)
-        )
-    raise ValueError(f"partition: unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    sizes = options.get("sizes") or _even_sizes(len(labels), num_clients)  # scheme == "size"
+    return _flwr_partition(fp.SizePartitioner(sizes), labels, None, seed)
 
 
 def _even_sizes(total: int, num_clients: int) -> list[int]:
