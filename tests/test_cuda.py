@@ -63,13 +63,15 @@ def test_clients_train_on_the_gpu_they_are_given(strategy):
     """device=cuda puts each client's model and data on the GPU; the run matches the CPU run."""
     from fedvb.config import RunConfig
     from fedvb.core.driver import run_algorithm
-    from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer
+    from fedvb.experiment import client_generator, evaluate, initial_mean, make_algorithm, make_trainer
 
-    def final_mean(device: str):
-        config = RunConfig.from_mapping(
-            dict(strategy=strategy, dataset="digits", num_clients=4, rounds=2, hidden="32", activation="relu",
-                 lr=2e-4 if strategy == "ivon-admm" else 3e-3, device=device, eval_samples=0)
-        )  # fmt: skip
+    def run_on(device: str):
+        values = dict(strategy=strategy, dataset="digits", num_clients=4, rounds=2, hidden="32", activation="relu",
+                      lr=3e-3, device=device, eval_samples=0)  # fmt: skip
+        if strategy == "ivon-admm":  # the headline settings (configs/headline-ivon-admm.toml)
+            values.update(lr=2e-4, temperature=1e-3, rho=0.2, damping=1e-3, ivon_beta2=0.9998,
+                          ivon_hess_init=1e-3, local_epochs=5)  # fmt: skip
+        config = RunConfig.from_mapping(values)
         trainers = [make_trainer(config, k) for k in range(config.num_clients)]
         assert all(t.x.device.type == torch.device(device).type for t in trainers)
         algorithm = make_algorithm(config)
@@ -77,10 +79,13 @@ def test_clients_train_on_the_gpu_they_are_given(strategy):
             algorithm, trainers, config.rounds, initial_mean(config),
             generator_for=lambda r, k: client_generator(config, r, k),
         )  # fmt: skip
-        return algorithm.server_mean(server).cpu()
+        mean = algorithm.server_mean(server).cpu()
+        return mean, evaluate(config.replace(device="cpu"), mean, None)["accuracy"]
 
-    cpu, gpu = final_mean("cpu"), final_mean("cuda")
-    if strategy == "ivon-admm":  # its weight noise comes from the GPU's own generator: same law, other draws
-        assert torch.isfinite(gpu).all() and ((gpu - cpu).norm() / cpu.norm()).item() <= 0.5
+    (cpu, cpu_accuracy), (gpu, gpu_accuracy) = run_on("cpu"), run_on("cuda")
+    if strategy == "ivon-admm":
+        # Its weight noise comes from the GPU's own generator: the same law, other draws, so the
+        # weights differ; the model it learns must be as good.
+        assert gpu_accuracy > 0.5 and abs(gpu_accuracy - cpu_accuracy) <= 0.05
     else:
         assert ((gpu - cpu).norm() / cpu.norm()).item() <= 1e-3

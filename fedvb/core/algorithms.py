@@ -179,8 +179,8 @@ class BayesADMM(Algorithm):
                 continue
             sites[key] = site
         prior = self._prior(server.arrays["mean"])
-        dim, dtype = prior.dim, prior.dtype
-        all_sites = list(sites.values()) + [NaturalParams.zeros(dim, family, dtype=dtype)] * (num_clients - len(sites))
+        # Clients never heard from have zero sites, which add nothing to the sum.
+        all_sites = list(sites.values()) or [NaturalParams.zeros(prior.dim, family, dtype=prior.dtype)]
         next_round = server.arrays["round"] + 1
         if not posteriors and self.preset.mixing(num_clients) < 1:
             return ServerState({**server.arrays, "round": next_round}, server.sites)
