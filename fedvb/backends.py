@@ -7,6 +7,7 @@ the same numbers for the same seed.
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from collections.abc import Iterable
 
@@ -31,7 +32,11 @@ class InProcessGrid(Grid):
     No Ray, no SuperLink, no polling: the overhead per round is a function call
     per client. Nodes get random-looking ids (as under Flower's simulation) and
     each keeps its own ``Context`` (with ``partition-id``) for the whole run. A
-    client that raises produces an error reply, as Flower's engines do.
+    client that raises produces an error reply, as Flower's engines do.  With a
+    ``timeout`` each client runs in a worker thread and gets that long: clients
+    run one after another here, so the limit is per client (under Ray it is per
+    round); a late reply is dropped, as Flower drops replies after its timeout,
+    and a node still busy with a late message finishes it before it takes the next.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1) -> None:
@@ -50,6 +55,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
         self._counter = 0
+        self._busy: dict[int, tuple[threading.Thread, list[str]]] = {}  # node -> its late message's worker
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -79,7 +85,27 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        if timeout is None:
+            return self.pull_messages(self.push_messages(messages))
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self._busy:
+                late, ids = self._busy.pop(node)
+                late.join()
+                self.pull_messages(ids)  # discarded: its round is over
+            result: list[str] = []
+            worker = threading.Thread(
+                target=lambda m=message, out=result: out.extend(self.push_messages([m])), daemon=True
+            )
+            worker.start()
+            worker.join(timeout)
+            if result:
+                replies.extend(self.pull_messages(result))
+            else:
+                self._busy[node] = (worker, result)
+                log.warning("client on node %s gave no reply within %.1f s", node, timeout)
+        return replies
 
     def _execute(self, message: Message) -> Message:
         context = self.contexts[message.metadata.dst_node_id]
@@ -91,8 +117,9 @@ class InProcessGrid(Grid):
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
-def run(config: RunConfig) -> None:
-    """Run ``config`` on its backend and write the run folder ``config.out``."""
+def run(config: RunConfig, *, resume: bool = False, report=None) -> None:
+    """Run ``config`` on its backend and write the run folder ``config.out`` (continue it when ``resume``);
+    ``report`` receives each round's metrics row (see :func:`fedvb.servers.app.run_server`)."""
     from fedvb.clients.app import make_client_app
     from fedvb.servers.app import make_server_app, run_server
 
@@ -103,7 +130,7 @@ def run(config: RunConfig) -> None:
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = grid.run.run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-        run_server(grid, config)
+        run_server(grid, config, resume=resume, report=report)
         return
     from flwr.simulation import run_simulation
 
@@ -113,7 +140,7 @@ def run(config: RunConfig) -> None:
         "init_args": init_args,
     }
     run_simulation(
-        server_app=make_server_app(config),
+        server_app=make_server_app(config, resume=resume, report=report),
         client_app=make_client_app(),
         num_supernodes=config.num_clients,
         backend_config=backend_config,

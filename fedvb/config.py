@@ -19,6 +19,7 @@ STRATEGIES = (
     "fedavg", "fedprox", "feddyn", "fedadmm", "scaffold",
     "fedlap", "fedlap-cov", "fedlap-func", "ivon-admm", "bayes-admm-newton", "pvi",
 )  # fmt: skip
+BASELINES = ("fedavg", "fedprox", "feddyn", "fedadmm", "scaffold")
 BACKENDS = ("inprocess", "ray")
 OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("", "exact", "laplace", "ivon")
@@ -93,6 +94,17 @@ class RunConfig:
     device: str = field(default="cpu", metadata=_meta("cpu, cuda or auto (cuda when available)"))
     client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))
     client_gpus: float = field(default=0.0, metadata=_meta("ray: GPUs per client (fractions share a GPU)", ge=0))
+    client_timeout_s: float = field(
+        default=0.0, metadata=_meta("seconds to wait for a client's reply (ray: for the round); 0: no limit", ge=0)
+    )
+    min_replies: int = field(default=1, metadata=_meta("accepted replies a round needs, else it is retried", min=1))
+    round_retries: int = field(
+        default=1, metadata=_meta("retries of a round short of min_replies before the run stops", min=0)
+    )
+    faults: str = field(default="", metadata=_meta("fault injection, e.g. 'raise=0.1,nan=0.1' (fedvb.faults)"))
+    target_accuracy: float = field(
+        default=0.0, metadata=_meta("summary reports the first round reaching it; 0: none", ge=0, max=1)
+    )
 
     # -- building --------------------------------------------------------------------
     @classmethod
@@ -163,6 +175,26 @@ class RunConfig:
             raise ConfigError("solver", "bayes-admm-newton (dense family) needs the exact solver")
         if self.strategy == "ivon-admm" and self.solver not in ("", "ivon"):
             raise ConfigError("solver", "ivon-admm uses the ivon solver")
+        participants = max(1, int(round(self.fraction_train * self.num_clients)))
+        if self.min_replies > participants:
+            raise ConfigError(
+                "min_replies", f"must be <= the {participants} clients sampled per round, got {self.min_replies}"
+            )
+        self._validate_faults()
+
+    def _validate_faults(self) -> None:
+        from fedvb.faults import parse_faults
+
+        try:
+            faults = parse_faults(self.faults)
+        except ValueError as error:
+            raise ConfigError("faults", str(error)) from None
+        if faults.get("timeout") and self.client_timeout_s <= 0:
+            raise ConfigError("faults", "timeout faults need client_timeout_s > 0")
+        if faults.get("negative-precision") and self.strategy in BASELINES:
+            raise ConfigError(
+                "faults", f"negative-precision needs a strategy that sends a precision, not {self.strategy}"
+            )
 
     # -- derived -----------------------------------------------------------------------
     @property

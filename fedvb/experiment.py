@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from fedvb.core.duality import Preset
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, family_by_name
 from fedvb.core.trainers import LocalSettings, TorchTrainer
 from fedvb.data import Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
+from fedvb.metrics import score
 from fedvb.models import build_model
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "make_trainer",
     "prepare",
     "resolve_device",
+    "test_predictions",
 ]
 
 DEFAULT_SOLVER = {
@@ -88,6 +89,10 @@ def _prepare_cached(key: str) -> Prepared:
     if config.data_fraction < 1.0:
         dataset = _subsample(dataset, config.data_fraction, config.seed)
     unlabelled = None
+    if held_out >= len(dataset.y_train):
+        raise ConfigError(
+            "func_inputs", f"must be < the {len(dataset.y_train)} training rows it is held out of, got {held_out}"
+        )
     if held_out:  # a held-out slice of the training distribution, labels discarded
         order = np.random.default_rng(np.random.SeedSequence([config.seed, 9])).permutation(len(dataset.y_train))
         unlabelled = dataset.x_train[np.sort(order[:held_out])]
@@ -139,13 +144,20 @@ def _load_npz(config: RunConfig) -> Dataset:
         raise ConfigError(
             "data", f"x must be (N, d) with y and client of length N; got {x.shape}, {y.shape}, {client.shape}"
         )
-    if not np.isfinite(x).all():
-        raise ConfigError("data", "x has non-finite values")
+    if x_test.ndim != 2 or x_test.shape[1] != x.shape[1] or len(y_test) != len(x_test):
+        raise ConfigError(
+            "data", f"x_test must be (M, {x.shape[1]}) with y_test of length M; got {x_test.shape}, {y_test.shape}"
+        )
+    for name, values in (("x", x), ("x_test", x_test), ("y", y), ("y_test", y_test)):
+        if np.issubdtype(values.dtype, np.number) and not np.isfinite(values).all():
+            raise ConfigError("data", f"{name} has non-finite values")
     classes = 0
     if config.model == "logreg":
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
             raise ConfigError("data", "y must hold non-negative integer classes for --model logreg")
-        classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+        classes = int(y.max()) + 1
+        if len(y_test) and (not np.issubdtype(y_test.dtype, np.integer) or y_test.min() < 0 or y_test.max() >= classes):
+            raise ConfigError("data", f"y_test must hold integer classes in 0..{classes - 1} (the classes of y)")
         y, y_test = y.astype(np.int64), y_test.astype(np.int64)
     else:
         y, y_test = y.astype(np.float32), y_test.astype(np.float32)
@@ -246,24 +258,40 @@ def client_generator(config: RunConfig, server_round: int, partition_id: int) ->
     return torch.Generator().manual_seed(int(seed))
 
 
-def evaluate(config: RunConfig, mean: Tensor, posterior: Gaussian | None) -> dict[str, float]:
-    """Server-model metrics on the test set: accuracy and NLL (classification) or MSE and NLL (regression);
-    for a posterior also the Monte Carlo predictive (``eval_samples`` draws from ``N(m_bar, S_bar^-1)``)."""
-    prepared = prepare(config)
-    dataset = prepared.dataset
+def test_predictions(config: RunConfig, mean: Tensor, posterior: Gaussian | None) -> dict[str, Tensor]:
+    """The server model's test-set outputs: ``y``, ``mean`` (the posterior mean's probabilities, or predicted
+    values for regression) and, for a posterior, ``predictive``: the Monte Carlo average over
+    ``eval_samples`` draws from ``N(m_bar, S_bar^-1)`` (a fixed stream per run). Empty without a test set."""
+    dataset = prepare(config).dataset
     if len(dataset.y_test) == 0:
         return {}
     trainer = _eval_trainer(_key(config), config.device)
     x = torch.as_tensor(dataset.x_test)
-    y = torch.as_tensor(dataset.y_test)
-    metrics = _score(trainer.predict(mean.float(), x).cpu(), y, dataset.task)
+    outputs = {"y": torch.as_tensor(dataset.y_test), "mean": trainer.predict(mean.float(), x).cpu()}
     if posterior is not None and config.eval_samples > 0 and (posterior.family is not DENSE or posterior.dim <= 4096):
         generator = torch.Generator().manual_seed(config.seed + 12345)
         draws = posterior.sample(config.eval_samples, generator)
-        average = sum(trainer.predict(theta.float(), x).cpu() for theta in draws) / config.eval_samples
-        metrics.update({f"predictive_{k}": v for k, v in _score(average, y, dataset.task).items()})
+        outputs["predictive"] = sum(trainer.predict(theta.float(), x).cpu() for theta in draws) / config.eval_samples
+    return outputs
+
+
+def evaluate(config: RunConfig, mean: Tensor, posterior: Gaussian | None) -> dict[str, float]:
+    """Server-model metrics on the test set (:func:`fedvb.metrics.score` of the posterior mean, and with the
+    prefix ``predictive_`` of the Monte Carlo predictive) and the mean model's accuracy on each client's
+    local test split (mean, worst, spread)."""
+    prepared = prepare(config)
+    dataset = prepared.dataset
+    outputs = test_predictions(config, mean, posterior)
+    if not outputs:
+        return {}
+    metrics = score(outputs["mean"], outputs["y"], dataset.task)
+    if "predictive" in outputs:
+        metrics.update(
+            {f"predictive_{k}": v for k, v in score(outputs["predictive"], outputs["y"], dataset.task).items()}
+        )
     if dataset.task == "classification" and prepared.local_tests and all(len(t) for t in prepared.local_tests):
         # the server model on each client's local test split: how evenly it serves the clients
+        trainer = _eval_trainer(_key(config), config.device)
         rows = np.concatenate(prepared.local_tests)
         correct = (trainer.predict(mean.float(), torch.as_tensor(dataset.x_train[rows])).cpu().argmax(1)
                    == torch.as_tensor(dataset.y_train[rows])).float().numpy()  # fmt: skip
@@ -296,14 +324,3 @@ def _eval_trainer(key: str, device: str) -> TorchTrainer:
     empty = torch.zeros(0)
     return TorchTrainer(build_run_model(config, prepared), empty, empty, prepared.dataset.task, LocalSettings(),
                         device=resolve_device(config))  # fmt: skip
-
-
-def _score(output: Tensor, y: Tensor, task: str) -> dict[str, float]:
-    if task == "regression":
-        mse = float(((output - y) ** 2).mean())
-        return {"mse": mse, "nll": 0.5 * mse + 0.5 * math.log(2 * math.pi)}
-    probs = output.clamp_min(1e-12)
-    return {
-        "accuracy": float((probs.argmax(1) == y).float().mean()),
-        "nll": float(-torch.log(probs[torch.arange(len(y)), y]).mean()),
-    }

@@ -14,41 +14,95 @@ from fedvb.experiment import resolve_device
 SMALL = ["--dataset", "synthetic-logistic", "--model", "softmax", "--num-clients", "5", "--rounds", "2"]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--strategy", "fedsgd"], "strategy: got 'fedsgd'; allowed: 'fedavg'"),
-        (["--set", "rho=0"], "rho: must be > 0, got 0.0"),
-        (["--set", "damping=1.5"], "damping: must be <= 1, got 1.5"),
-        (["--set", "lr=fast"], "lr: expected float, got 'fast'"),
-        (["--num-clients", "0"], "num_clients: must be >= 1, got 0"),
-        (["--set", "fraction_train=0"], "fraction_train: must be > 0, got 0.0"),
-        (["--set", "colour=red"], "colour: unknown key; allowed: strategy"),
-        (["--set", "novalue"], "--set: expected KEY=VALUE, got 'novalue'"),
-        (["--backend", "slurm"], "backend: got 'slurm'; allowed: 'inprocess', 'ray'"),
-        (["--dataset", "emnist"], "dataset: got 'emnist'; allowed: fashion-mnist"),
-        (["--set", "partition=random"], "partition: got 'random'; allowed: iid"),
-        (["--set", "hidden=200,x"], "hidden: comma-separated positive integers"),
-        (["--dataset", "uci-heart", "--num-clients", "7"], "num_clients: the data has 4 natural clients, got 7"),
-        (["--strategy", "bayes-admm-newton", "--set", "solver=ivon"], "solver: bayes-admm-newton (dense family)"),
-        (["--data", "/nonexistent.npz", "--model", "linear"], "data: cannot read /nonexistent.npz"),
-        (["--data", "x.npz", "--model", "mlp"], "model: --data needs --model linear or logreg"),
-        (["/nonexistent.toml"], "config: file not found: /nonexistent.toml"),
-    ],
-)
+# Bring-your-own data files for the table below: name -> arrays (x is (N, d), y (N,), client (N,)).
+RNG = np.random.default_rng(0)
+X, Y, CLIENT = RNG.standard_normal((12, 2)), RNG.integers(0, 3, 12), np.repeat([0, 1, 2], 4)
+NPZ = {
+    "good": dict(x=X, y=Y, client=CLIENT),
+    "no-client": dict(x=X, y=Y),
+    "short-y": dict(x=X, y=Y[:-1], client=CLIENT),
+    "nan-x": dict(x=np.where(np.eye(12, 2) > 0, np.nan, X), y=Y, client=CLIENT),
+    "inf-y": dict(x=X, y=np.where(np.arange(12) == 3, np.inf, Y.astype(float)), client=CLIENT),
+    "negative-label": dict(x=X, y=Y - 1, client=CLIENT),
+    "float-label": dict(x=X, y=Y + 0.5, client=CLIENT),
+    "test-label-out-of-range": dict(x=X, y=Y, client=CLIENT, x_test=X[:3], y_test=np.array([0, 1, 7])),
+    "test-width": dict(x=X, y=Y, client=CLIENT, x_test=X[:3, :1], y_test=Y[:3]),
+    "x-vector": dict(x=X[:, 0], y=Y, client=CLIENT),
+}
+NPZ_RUN = ["--model", "logreg", "--num-clients", "3", "--data"]
+
+BAD_INPUTS = [
+    (["--strategy", "fedsgd"], "strategy: got 'fedsgd'; allowed: 'fedavg'"),
+    (["--set", "rho=0"], "rho: must be > 0, got 0.0"),
+    (["--set", "damping=1.5"], "damping: must be <= 1, got 1.5"),
+    (["--set", "damping=0"], "damping: must be > 0, got 0.0"),
+    (["--set", "alpha=1.5"], "alpha: must be <= 1, got 1.5"),
+    (["--set", "lr=fast"], "lr: expected float, got 'fast'"),
+    (["--set", "lr=-0.1"], "lr: must be > 0, got -0.1"),
+    (["--set", "prior_precision=0"], "prior_precision: must be > 0, got 0.0"),
+    (["--num-clients", "0"], "num_clients: must be >= 1, got 0"),
+    (["--rounds", "0"], "rounds: must be >= 1, got 0"),
+    (["--set", "rounds=2.5"], "rounds: expected int, got '2.5'"),
+    (["--set", "batch_size=0"], "batch_size: must be >= 1, got 0"),
+    (["--set", "fraction_train=0"], "fraction_train: must be > 0, got 0.0"),
+    (["--set", "data_fraction=1.5"], "data_fraction: must be <= 1, got 1.5"),
+    (["--set", "local_test_fraction=1"], "local_test_fraction: must be < 1, got 1.0"),
+    (["--set", "eval_samples=-3"], "eval_samples: must be >= 0, got -3"),
+    (["--set", "colour=red"], "colour: unknown key; allowed: strategy"),
+    (["--set", "novalue"], "--set: expected KEY=VALUE, got 'novalue'"),
+    (["--backend", "slurm"], "backend: got 'slurm'; allowed: 'inprocess', 'ray'"),
+    (["--set", "device=tpu"], "device: got 'tpu'; allowed: cpu, cuda, cuda:N, auto"),
+    (["--dataset", "emnist"], "dataset: got 'emnist'; allowed: fashion-mnist"),
+    (["--model", "vgg"], "model: got 'vgg'; allowed: softmax"),
+    (["--set", "partition=random"], "partition: got 'random'; allowed: iid"),
+    (["--set", "hidden=200,x"], "hidden: comma-separated positive integers"),
+    (["--set", "activation=swish"], "activation: got 'swish'; allowed:"),
+    (["--dataset", "uci-heart", "--num-clients", "7"], "num_clients: the data has 4 natural clients, got 7"),
+    (
+        ["--dataset", "synthetic-logistic", "--model", "softmax", "--set", "partition=iid", "--num-clients", "300"],
+        "num_clients: 300 clients for 160 training rows",
+    ),
+    (["--strategy", "bayes-admm-newton", "--set", "solver=ivon"], "solver: bayes-admm-newton (dense family)"),
+    (["--strategy", "fedlap-func", "--dataset", "synthetic-linear", "--num-clients", "4"], "func_inputs: must be <"),
+    (["--set", "min_replies=11"], "min_replies: must be <= the 10 clients sampled per round, got 11"),
+    (["--set", "round_retries=-1"], "round_retries: must be >= 0, got -1"),
+    (["--set", "client_timeout_s=-1"], "client_timeout_s: must be >= 0, got -1.0"),
+    (["--set", "target_accuracy=2"], "target_accuracy: must be <= 1, got 2.0"),
+    (["--set", "faults=melt=0.1"], "faults: unknown fault 'melt'; allowed: raise, timeout"),
+    (["--set", "faults=nan=0.7,inf=0.7"], "faults: fractions add up to 1.4; at most 1"),
+    (["--set", "faults=timeout=0.1"], "faults: timeout faults need client_timeout_s > 0"),
+    (["--strategy", "fedavg", "--set", "faults=negative-precision=0.1"], "faults: negative-precision needs"),
+    (["--data", "/nonexistent.npz", "--model", "linear"], "data: cannot read /nonexistent.npz"),
+    (["--data", "x.npz", "--model", "mlp"], "model: --data needs --model linear or logreg"),
+    (["/nonexistent.toml"], "config: file not found: /nonexistent.toml"),
+    ([*NPZ_RUN, "{no-client}"], "data: {no-client} lacks the array 'client'"),
+    ([*NPZ_RUN, "{short-y}"], "data: x must be (N, d) with y and client of length N"),
+    ([*NPZ_RUN, "{x-vector}"], "data: x must be (N, d)"),
+    ([*NPZ_RUN, "{nan-x}"], "data: x has non-finite values"),
+    (["--model", "linear", "--num-clients", "3", "--data", "{inf-y}"], "data: y has non-finite values"),
+    ([*NPZ_RUN, "{negative-label}"], "data: y must hold non-negative integer classes"),
+    ([*NPZ_RUN, "{float-label}"], "data: y must hold non-negative integer classes"),
+    ([*NPZ_RUN, "{test-label-out-of-range}"], "data: y_test must hold integer classes in 0..2"),
+    ([*NPZ_RUN, "{test-width}"], "data: x_test must be (M, 2)"),
+    (["--model", "logreg", "--num-clients", "4", "--data", "{good}"], "num_clients: {good} has 3 clients"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    paths = {name: str(tmp_path / f"{name}.npz") for name in NPZ}
+    for name, arrays in NPZ.items():
+        np.savez(paths[name], **arrays)
+    args = [a.format_map(paths) if a.startswith("{") else a for a in args]
     assert main(["run", *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("fedvb: error: ")
-    assert message in err
+    assert message.format_map(paths) in err
     assert not (tmp_path / "run").exists()  # nothing written before validation passed
 
 
-def test_bring_your_own_npz_errors_name_the_array(tmp_path, capsys):
-    np.savez(tmp_path / "d.npz", x=np.zeros((6, 2)), y=np.zeros(6))
-    assert main(["run", "--data", str(tmp_path / "d.npz"), "--model", "linear", "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err
-    assert "data: " in err and "lacks the array 'client'" in err
+def test_the_bad_input_table_is_large_enough():
+    assert len(BAD_INPUTS) >= 25 and len({m for _, m in BAD_INPUTS}) == len(BAD_INPUTS) - 1  # one repeat
 
 
 def test_a_run_writes_its_folder(tmp_path, capsys):

@@ -2,25 +2,26 @@
 
 The whole run configuration arrives in each message's ConfigRecord, so the
 same ClientApp serves the in-process backend, Ray actors and ``flwr run``.
-Per-client state (sites, duals, control variates, IVON momentum) lives in
-``context.state`` under ``fedvb``: for BayesADMM presets two model-sized
-vectors (the site), plus two more (momentum and a step counter) with IVON;
-FedDyn and SCAFFOLD keep one, FedADMM two.
+The client's private state (for BayesADMM presets the site, two model-sized
+vectors, plus momentum and a step counter with IVON; FedDyn and SCAFFOLD one
+vector, FedADMM two) arrives in the message's ``state`` record and the new
+state goes back beside the reply: the server commits it only when it accepts
+the reply, and checkpoints it (see :mod:`fedvb.strategies.base`).  Injected
+faults (:mod:`fedvb.faults`) strike here.
 """
 
 from __future__ import annotations
 
 import functools
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvb.experiment import client_generator, make_algorithm, make_trainer
+from fedvb.faults import before_training, choose_fault, corrupt_reply
 from fedvb.records import CONFIG_KEY, config_from_json, from_array_record, split_reply, to_array_record
 
 __all__ = ["app", "make_client_app"]
-
-STATE_KEY = "fedvb"
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,16 +52,22 @@ def make_client_app() -> ClientApp:
         key = str(msg.content["config"][CONFIG_KEY])
         config = config_from_json(key)
         partition_id = _partition(context)
+        server_round, attempt = int(msg.content["config"]["server-round"]), int(msg.content["config"]["attempt"])
+        fault = choose_fault(
+            config.faults, seed=config.seed, server_round=server_round, attempt=attempt, partition_id=partition_id
+        )
+        before_training(fault, config.client_timeout_s)
         algorithm, trainer = _algorithm(key), _trainer(key, partition_id)
-        state = from_array_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+        state = from_array_record(msg.content["state"]) if "state" in msg.content else {}
         payload = from_array_record(msg.content["payload"])
-        server_round = int(msg.content["config"]["server-round"])
         reply, new_state = algorithm.client_round(
             payload, state, trainer, generator=client_generator(config, server_round, partition_id)
         )
-        context.state[STATE_KEY] = to_array_record(new_state) if new_state else ArrayRecord()
-        arrays, metrics = split_reply(reply, partition_id)
-        return Message(RecordDict({"reply": arrays, "metrics": metrics}), reply_to=msg)
+        arrays, metrics = split_reply(corrupt_reply(fault, reply), partition_id)
+        content = RecordDict({"reply": arrays, "metrics": metrics})
+        if new_state:
+            content["state"] = to_array_record(new_state)
+        return Message(content, reply_to=msg)
 
     return app
 

@@ -16,7 +16,6 @@ a docstring says "mean loss".
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +35,11 @@ __all__ = [
     "FedAvg",
     "FedDyn",
     "FedProx",
+    "RejectedReply",
     "Scaffold",
     "ServerState",
 ]
 
-log = logging.getLogger(__name__)
 Arrays = dict[str, Tensor]
 
 
@@ -50,6 +49,10 @@ class ServerState:
 
     arrays: Arrays
     sites: dict[Any, NaturalParams] = field(default_factory=dict)
+
+
+class RejectedReply(ValueError):
+    """A client reply the server will not use; the message says why."""
 
 
 class Algorithm(ABC):
@@ -74,6 +77,30 @@ class Algorithm(ABC):
     @abstractmethod
     def server_round(self, server: ServerState, replies: dict[Any, Arrays], num_clients: int) -> ServerState:
         """The new server state from this round's replies (keyed by client)."""
+
+    def reply_shapes(self, server: ServerState) -> dict[str, tuple[int, ...]]:
+        """The tensors a reply must hold and their shapes (``-1``: any length); ``num_examples`` is implied."""
+        return {"mean": tuple(server.arrays["mean"].shape)}
+
+    def check_reply(self, server: ServerState, reply: Arrays) -> None:
+        """Raise :class:`RejectedReply` unless ``reply`` has exactly the expected tensors, each of the server's
+        dtype and shape and finite, with a non-negative example count."""
+        expected = {**self.reply_shapes(server), "num_examples": ()}
+        if set(reply) != set(expected):
+            raise RejectedReply(f"holds {sorted(reply)}; expected {sorted(expected)}")
+        dtype = server.arrays["mean"].dtype
+        for name, shape in expected.items():
+            value = reply[name]
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise RejectedReply(f"{name} is not a floating-point tensor")
+            if name != "num_examples" and value.dtype != dtype:
+                raise RejectedReply(f"{name} has dtype {value.dtype}; expected {dtype}")
+            if len(value.shape) != len(shape) or any(e not in (-1, g) for e, g in zip(shape, value.shape)):
+                raise RejectedReply(f"{name} has shape {tuple(value.shape)}; expected {shape}")
+            if not bool(torch.isfinite(value).all()):
+                raise RejectedReply(f"{name} has non-finite values")
+        if float(reply["num_examples"]) < 0:
+            raise RejectedReply("num_examples is negative")
 
     def server_mean(self, server: ServerState) -> Tensor:
         return server.arrays["mean"]
@@ -166,18 +193,25 @@ class BayesADMM(Algorithm):
         new_state.update(site_linear=new_site.linear, site_quadratic=new_site.quadratic)
         return reply, new_state
 
+    def reply_shapes(self, server):
+        mean, precision = tuple(server.arrays["mean"].shape), tuple(server.arrays["precision"].shape)
+        return {"mean": mean, "precision": precision, "site_linear": mean, "site_quadratic": precision}
+
+    def check_reply(self, server, reply):
+        super().check_reply(server, reply)
+        try:
+            Gaussian(reply["mean"], reply["precision"], self.preset.family)
+        except (ValueError, NonPositivePrecisionError) as error:
+            raise RejectedReply(f"precision: {error}") from None
+
     def server_round(self, server, replies, num_clients):
+        """Fold in replies that passed :meth:`check_reply`."""
         family = self.preset.family
         posteriors = []
         sites = dict(server.sites)
         for key, reply in replies.items():
-            try:
-                posteriors.append(Gaussian(reply["mean"], reply["precision"], family))
-                site = NaturalParams(reply["site_linear"], reply["site_quadratic"], family)
-            except (ValueError, NonPositivePrecisionError) as error:
-                log.warning("rejected the reply of client %s: %s", key, error)
-                continue
-            sites[key] = site
+            posteriors.append(Gaussian(reply["mean"], reply["precision"], family))
+            sites[key] = NaturalParams(reply["site_linear"], reply["site_quadratic"], family)
         prior = self._prior(server.arrays["mean"])
         # Clients never heard from have zero sites, which add nothing to the sum.
         all_sites = list(sites.values()) or [NaturalParams.zeros(prior.dim, family, dtype=prior.dtype)]
@@ -221,6 +255,9 @@ class FedLapFunc(BayesADMM):
         reply, new_state = super().client_round(payload, state, trainer, generator=generator)
         reply["soft_labels"] = trainer.predict(reply["mean"].float(), self.inputs).to(reply["mean"])
         return reply, new_state
+
+    def reply_shapes(self, server):
+        return {**super().reply_shapes(server), "soft_labels": (len(self.inputs), -1)}
 
     def function_space_loss(self, theta: Tensor, soft_labels: Tensor) -> Tensor:
         """``sum_{x in U} CE(p_avg(x), softmax f_theta(x))``."""
@@ -331,6 +368,9 @@ class FedADMM(Algorithm):
     def init_server(self, initial_mean, num_clients):
         return ServerState({"mean": initial_mean.clone()})
 
+    def reply_shapes(self, server):
+        return {"mean": tuple(server.arrays["mean"].shape), "delta": tuple(server.arrays["mean"].shape)}
+
     def client_round(self, payload, state, trainer, *, generator):
         w_bar = payload["mean"]
         y = state.get("y", torch.zeros_like(w_bar))
@@ -365,6 +405,10 @@ class Scaffold(Algorithm):
 
     def init_server(self, initial_mean, num_clients):
         return ServerState({"mean": initial_mean.clone(), "control": torch.zeros_like(initial_mean)})
+
+    def reply_shapes(self, server):
+        shape = tuple(server.arrays["mean"].shape)
+        return {"delta_mean": shape, "delta_control": shape}
 
     def client_round(self, payload, state, trainer, *, generator):
         w_bar, c = payload["mean"], payload["control"]

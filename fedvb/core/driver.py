@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedvb.core.algorithms import Algorithm, ServerState
+from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import Gaussian, NaturalParams
 from fedvb.core.solvers import LocalSolver
@@ -114,7 +114,9 @@ def run_algorithm(
 
     ``generator_for(round, client)`` gives each client's random stream; the
     Flower backends draw participants and streams the same way, so they
-    reproduce this loop's numbers.
+    reproduce this loop's numbers.  A reply the algorithm rejects
+    (:meth:`~fedvb.core.algorithms.Algorithm.check_reply`) is dropped and
+    that client keeps its previous state, as on the Flower backends.
     """
     server = algorithm.init_server(initial_mean, len(trainers))
     states: list[dict] = [{} for _ in trainers]
@@ -122,9 +124,14 @@ def run_algorithm(
         payload = algorithm.payload(server)
         replies = {}
         for k in sample_participants(len(trainers), fraction, seed=seed, server_round=server_round):
-            replies[k], states[k] = algorithm.client_round(
+            reply, state = algorithm.client_round(
                 payload, states[k], trainers[k], generator=generator_for(server_round, k)
             )
+            try:
+                algorithm.check_reply(server, reply)
+            except RejectedReply:
+                continue
+            replies[k], states[k] = reply, state
         server = algorithm.server_round(server, replies, len(trainers))
         if on_round is not None:
             on_round(server_round, server)

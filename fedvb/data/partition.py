@@ -126,6 +126,8 @@ def partition_indices(
     if scheme not in SCHEMES:
         raise ValueError(f"partition: unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
     labels = np.asarray(labels)
+    if scheme != "natural" and num_clients > len(labels):
+        raise ValueError(f"num_clients: {num_clients} clients for {len(labels)} training rows; at most one per row")
     rng = np.random.default_rng(seed)
     if scheme == "papers-dirichlet":
         return _papers_dirichlet(

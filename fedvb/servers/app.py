@@ -1,64 +1,127 @@
-"""The fedvb ServerApp: build the strategy from the configuration, evaluate every round, write the run folder."""
+"""The fedvb ServerApp: build the strategy, run the rounds, evaluate and checkpoint after each, write the run folder.
+
+The round loop is ours rather than Flower's ``Strategy.start`` because a
+study needs three things ``start`` cannot do: begin at a later round (resume
+from a checkpoint), retry a round that got too few usable replies, and save
+the federation's whole state after every round.  Each round still calls the
+strategy's ``configure_train`` / ``aggregate_train`` and the Grid's
+``send_and_receive``, exactly as ``start`` does, so the strategies remain
+ordinary Flower strategies for anyone's ServerApp.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedvb.config import RunConfig
-from fedvb.experiment import evaluate, write_label_distribution
+from fedvb.experiment import evaluate, test_predictions, write_label_distribution
+from fedvb.metrics import calibration_bins
+from fedvb.plots import plot_curves, plot_reliability
 from fedvb.servers.runfolder import RunFolder
 from fedvb.strategies import make_strategy
+from fedvb.strategies.base import RoundFailed
 
 __all__ = ["app", "make_server_app", "run_server"]
 
+log = logging.getLogger(__name__)
 
-def run_server(grid: Grid, config: RunConfig) -> RunFolder:
-    """Run ``config.rounds`` rounds on ``grid`` and write the run folder."""
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: Reporter | None = None) -> RunFolder:
+    """Run rounds up to ``config.rounds`` on ``grid`` (from the checkpoint's next round when ``resume``) and
+    write the run folder. ``report`` gets every metrics row as it is logged (progress displays)."""
     import torch
 
     torch.set_num_threads(1)
-    folder = RunFolder(config)
-    write_label_distribution(config, folder.path / "labels.png")
     strategy = make_strategy(config)
-    started = last = time.perf_counter()
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal last
-        if server_round == 0:
-            return None
-        now = time.perf_counter()
+    folder = RunFolder(config, resume=resume)
+    first_round, elapsed_before = 1, 0.0
+    if resume:
+        checkpoint = folder.load_checkpoint()
+        strategy.load_state_dict(checkpoint["strategy"])
+        first_round = checkpoint["round"] + 1
+        elapsed_before = folder.rows[-1]["elapsed_s"] if folder.rows else 0.0
+    else:
+        folder.write_picture("labels.png", lambda path: write_label_distribution(config, path))
+    started = time.perf_counter() - elapsed_before
+    status = {"status": "completed"}
+    for server_round in range(first_round, config.rounds + 1):
+        round_started = time.perf_counter()
+        try:
+            retries = _train_round(grid, strategy, config, server_round)
+        except RoundFailed as error:
+            log.error("%s; stopping (state of round %d kept in the checkpoint)", error, server_round - 1)
+            status = {"status": "stopped", "reason": str(error)}
+            break
         posterior = strategy.posterior() if strategy.algorithm.uncertainty else None
         metrics = evaluate(config, strategy.mean(), posterior)
-        row = {"round": server_round, **metrics, "wall_time_s": now - last, "elapsed_s": now - started}
-        folder.log_round(row)
-        last = time.perf_counter()
-        return MetricRecord({k: float(v) for k, v in metrics.items()})
-
-    strategy.start(
-        grid=grid,
-        initial_arrays=strategy.initial_arrays(),
-        num_rounds=config.rounds,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
-    folder.finish(
-        strategy.mean(),
-        strategy.posterior(),
-        {"rounds": config.rounds, "strategy": config.strategy, "total_time_s": time.perf_counter() - started},
-    )
+        now = time.perf_counter()
+        row = {"round": server_round, **metrics, **strategy.round_log, "retries": retries,
+               "wall_time_s": now - round_started, "elapsed_s": now - started}  # fmt: skip
+        folder.end_round(server_round, strategy.state_dict(), row)
+        if report is not None:
+            report(row)
+    totals = {"rounds": config.rounds, "strategy": config.strategy, "total_time_s": time.perf_counter() - started}
+    totals.update(status, **_rounds_to_target(folder.rows, config.target_accuracy))
+    totals["bytes_total"] = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in folder.rows)
+    folder.finish(strategy.mean(), strategy.posterior(), totals)
+    _write_pictures(config, folder, strategy)
     return folder
 
 
-def make_server_app(config: RunConfig | None = None) -> ServerApp:
+def _write_pictures(config: RunConfig, folder: RunFolder, strategy) -> None:
+    """curves.png (metrics against rounds) and, for classifiers, reliability.png of the final model."""
+    title = f"{config.strategy}: {config.dataset if not config.data else Path(config.data).name}"
+    folder.write_picture("curves.png", lambda path: plot_curves(folder.rows, path, title=title))
+    posterior = strategy.posterior() if strategy.algorithm.uncertainty else None
+    outputs = test_predictions(config, strategy.mean(), posterior)
+    if outputs and outputs["mean"].ndim == 2:
+        names = {"mean": "posterior mean", "predictive": "predictive"}
+        tables = {names[k]: calibration_bins(outputs[k], outputs["y"]) for k in names if k in outputs}
+        folder.write_picture("reliability.png", lambda path: plot_reliability(tables, path, title=title))
+
+
+def _train_round(grid: Grid, strategy, config: RunConfig, server_round: int) -> int:
+    """One training round, retried up to ``round_retries`` times; returns the retries used."""
+    timeout = config.client_timeout_s or None
+    for attempt in range(config.round_retries + 1):
+        messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({"attempt": attempt}), grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        try:
+            strategy.aggregate_train(server_round, replies)
+            return attempt
+        except RoundFailed as error:
+            if attempt == config.round_retries:
+                raise
+            log.warning("%s; retrying (%d of %d)", error, attempt + 1, config.round_retries)
+    raise AssertionError("unreachable")
+
+
+def _rounds_to_target(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """The first round whose accuracy reaches ``target`` (None if none does); nothing when no target is set."""
+    if target <= 0:
+        return {}
+    reached = next((r["round"] for r in rows if r.get("accuracy", -1.0) >= target), None)
+    return {"target_accuracy": target, "rounds_to_target": reached}
+
+
+def make_server_app(
+    config: RunConfig | None = None, *, resume: bool = False, report: Reporter | None = None
+) -> ServerApp:
     """A ServerApp for ``config``; without one it reads the run configuration (``flwr run``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config or RunConfig.from_mapping(dict(context.run_config)))
+        run_server(grid, config or RunConfig.from_mapping(dict(context.run_config)), resume=resume, report=report)
 
     return app
 

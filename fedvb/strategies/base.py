@@ -7,25 +7,39 @@ messages), ``aggregate_train`` unpacks the replies and calls the algorithm's
 query message (Flower gives the server only node ids), and sampled with
 :func:`fedvb.core.driver.sample_participants`, so the Flower path draws the
 same clients and random streams as the plain-loop driver.
+
+Every reply is screened before it touches the server: error replies, replies
+from clients not asked this round, missing or misshapen tensors, wrong dtypes,
+non-finite values and (BayesADMM) non-positive precisions are rejected with a
+logged reason, and the round goes on with the rest.  Clients' private state
+(sites, duals, control variates, IVON momentum) is held here and travels with
+each message, so a rejected reply leaves that client exactly as it was, and a
+checkpoint of the strategy is a checkpoint of the whole federation whatever
+backend runs the clients.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import Tensor
 
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import Algorithm, ServerState
 from fedvb.core.driver import sample_participants
-from fedvb.core.gaussian import Gaussian
+from fedvb.core.gaussian import Gaussian, NaturalParams
 from fedvb.experiment import initial_mean, make_algorithm
-from fedvb.records import CONFIG_KEY, config_to_json, join_reply, to_array_record
+from fedvb.records import CONFIG_KEY, config_to_json, from_array_record, join_reply, to_array_record
 
-__all__ = ["AlgorithmStrategy", "PartitionAddressing"]
+__all__ = ["AlgorithmStrategy", "PartitionAddressing", "ReplyScreen", "RoundFailed"]
+
+Arrays = dict[str, Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +66,97 @@ class PartitionAddressing:
                 f"expected partitions 0..{self.config.num_clients - 1}, nodes report {sorted(self.node_of)}"
             )
 
-    def messages(self, grid: Grid, server_round: int, config: ConfigRecord) -> list[Message]:
-        """One TRAIN message per sampled client, each with its own RecordDict (the caller adds the payload)."""
+    def messages(self, grid: Grid, server_round: int, config: ConfigRecord) -> dict[int, Message]:
+        """One TRAIN message per sampled client by partition, each with its own RecordDict (the caller adds
+        the payload). ``config`` may carry ``attempt`` (the retry of this round; 0 by default)."""
         self.discover(grid)
         chosen = sample_participants(
             self.config.num_clients, self.config.fraction_train, seed=self.config.seed, server_round=server_round
         )
-        round_config = {**dict(config), CONFIG_KEY: self._config_json, "server-round": server_round}
-        return [
-            Message(
+        round_config = {"attempt": 0, **dict(config), CONFIG_KEY: self._config_json, "server-round": server_round}
+        return {
+            k: Message(
                 RecordDict({"config": ConfigRecord(round_config)}),
                 dst_node_id=self.node_of[k],
                 message_type=MessageType.TRAIN,
             )
             for k in chosen
-        ]
+        }
 
 
-class AlgorithmStrategy(Strategy):
+class RoundFailed(RuntimeError):
+    """Too few accepted replies, or an aggregate that is not finite: the round changed nothing (retry it)."""
+
+
+class ReplyScreen:
+    """What every fedvb strategy does around the algorithm: address clients, carry their state, screen
+    replies, count bytes.  ``client_states`` and ``traffic`` are read by checkpoints and the run log."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.addressing = PartitionAddressing(config)
+        self.client_states: dict[int, Arrays] = {}
+        self.round_log: dict[str, Any] = {}
+        self._asked: set[int] = set()
+
+    def outgoing(self, grid: Grid, server_round: int, config: ConfigRecord, payload: Arrays) -> list[Message]:
+        """This round's messages: payload plus each client's own state (state bytes are not counted: in a
+        deployment the state never leaves the client)."""
+        messages = self.addressing.messages(grid, server_round, config)
+        self._asked = set(messages)
+        down = 0
+        for k, message in messages.items():
+            message.content["payload"] = to_array_record(payload)  # a fresh record per client
+            if self.client_states.get(k):
+                message.content["state"] = to_array_record(self.client_states[k])
+            down += message.content["payload"].count_bytes()
+        if int(config.get("attempt", 0)) == 0:  # a retry adds to its round's log
+            self.round_log = {"bytes_down": 0, "bytes_up": 0, "rejected": []}
+        self.round_log["bytes_down"] += down
+        return list(messages.values())
+
+    def screen(
+        self, server_round: int, replies: Iterable[Message], algorithm: Algorithm, server: ServerState
+    ) -> dict[int, tuple[Message, Arrays, Arrays]]:
+        """The accepted replies by partition as ``(message, reply, new_state)``, in partition order.
+
+        Raises :class:`RoundFailed` (having changed nothing) below ``min_replies``."""
+        accepted: dict[int, tuple[Message, Arrays, Arrays]] = {}
+        for message in replies:
+            source = message.metadata.src_node_id
+            try:
+                if message.has_error():
+                    raise ValueError(f"client error: {message.error.reason.strip().splitlines()[0]}")
+                self.round_log["bytes_up"] += message.content["reply"].count_bytes()
+                partition = int(message.content["metrics"]["partition-id"])
+                if partition not in self._asked or partition in accepted:
+                    raise ValueError(f"partition {partition} was not asked this round or replied twice")
+                reply = join_reply(message.content["reply"], message.content["metrics"])
+                state = from_array_record(message.content["state"]) if "state" in message.content else {}
+                algorithm.check_reply(server, reply)
+            except (KeyError, TypeError, ValueError) as error:  # RejectedReply is a ValueError
+                log.warning("round %d: rejected the reply of node %s: %s", server_round, source, error)
+                self.round_log["rejected"].append({"node": source, "reason": str(error)})
+                continue
+            accepted[partition] = (message, reply, state)
+        if len(accepted) < self.config.min_replies:
+            raise RoundFailed(
+                f"round {server_round}: {len(accepted)} accepted replies, min_replies is {self.config.min_replies}"
+            )
+        return dict(sorted(accepted.items()))  # the plain loop's order, whatever order replies arrive in
+
+    def commit_states(self, accepted: dict[int, tuple[Message, Arrays, Arrays]]) -> None:
+        for k, (_, _, state) in accepted.items():
+            self.client_states[k] = state
+
+
+class AlgorithmStrategy(ReplyScreen, Strategy):
     """Any fedvb algorithm as a Flower strategy; the server state lives on the instance."""
 
     def __init__(self, config: RunConfig, algorithm: Algorithm | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self.algorithm = algorithm or make_algorithm(config)
         self.server: ServerState = self.algorithm.init_server(initial_mean(config), config.num_clients)
-        self.addressing = PartitionAddressing(config)
 
     # -- what the ServerApp reads --------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -85,36 +165,38 @@ class AlgorithmStrategy(Strategy):
     def posterior(self) -> Gaussian | None:
         return self.algorithm.server_posterior(self.server)
 
-    def mean(self):
+    def mean(self) -> Tensor:
         return self.algorithm.server_mean(self.server)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the federation holds (server tensors, sites, every client's state), for checkpoints."""
+        sites = {k: {"linear": s.linear, "quadratic": s.quadratic} for k, s in self.server.sites.items()}
+        return {"arrays": self.server.arrays, "sites": sites, "client_states": self.client_states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        family = getattr(getattr(self.algorithm, "preset", None), "family", None)
+        sites = {k: NaturalParams(s["linear"], s["quadratic"], family) for k, s in state["sites"].items()}
+        self.server = ServerState(dict(state["arrays"]), sites)
+        self.client_states = dict(state["client_states"])
 
     # -- Strategy ----------------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = self.addressing.messages(grid, server_round, config)
-        for message in messages:  # a fresh payload record per client
-            message.content["payload"] = to_array_record(self.algorithm.payload(self.server))
-        return messages
+        return self.outgoing(grid, server_round, config, self.algorithm.payload(self.server))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        received = {}
-        for message in replies:
-            if message.has_error():
-                log.warning(
-                    "round %d: node %s failed: %s", server_round, message.metadata.src_node_id, message.error.reason
-                )
-                continue
-            partition = int(message.content["metrics"]["partition-id"])
-            received[partition] = join_reply(message.content["reply"], message.content["metrics"])
-        ordered = dict(sorted(received.items()))  # the plain loop's order, whatever order replies arrive in
-        self.server = self.algorithm.server_round(self.server, ordered, self.config.num_clients)
-        metrics = MetricRecord(
-            {"replies": len(ordered), "num-examples": sum(float(r["num_examples"]) for r in ordered.values())}
-        )
-        return self.initial_arrays(), metrics
+        accepted = self.screen(server_round, replies, self.algorithm, self.server)
+        replies_by_client = {k: reply for k, (_, reply, _) in accepted.items()}
+        new = self.algorithm.server_round(self.server, replies_by_client, self.config.num_clients)
+        if not all(bool(torch.isfinite(v).all()) for v in new.arrays.values()):
+            raise RoundFailed(f"round {server_round}: the aggregate is not finite; server state kept")
+        self.server = new
+        self.commit_states(accepted)
+        count = sum(float(r["num_examples"]) for r in replies_by_client.values())
+        return self.initial_arrays(), MetricRecord({"replies": len(accepted), "num-examples": count})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the server evaluates its own model (ServerApp)

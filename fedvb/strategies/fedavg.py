@@ -1,13 +1,15 @@
 """FedAvg: Flower's own FedAvg, addressed and sampled like every fedvb strategy.
 
-Aggregation (the example-weighted average) is Flower's ``FedAvg.aggregate_train``;
-only the choice of clients and the per-client messages are ours, so that the
-run matches the plain-loop driver's :class:`fedvb.core.algorithms.FedAvg`.
+Aggregation (the example-weighted average) is Flower's ``FedAvg.aggregate_train``
+over the replies that pass fedvb's screen; the choice of clients, the
+per-client messages and the screen are ours (:class:`ReplyScreen`), so that
+the run matches the plain-loop driver's :class:`fedvb.core.algorithms.FedAvg`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -15,22 +17,24 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import FedAvg as FedAvgAlgorithm
+from fedvb.core.algorithms import ServerState
 from fedvb.experiment import initial_mean
 from fedvb.records import from_array_record, to_array_record
-from fedvb.strategies.base import PartitionAddressing
+from fedvb.strategies.base import ReplyScreen
 
 __all__ = ["FedAvg"]
 
 
-class FedAvg(FlowerFedAvg):
-    """Flower's FedAvg with fedvb's client addressing; the replies' ``reply`` record is averaged."""
+class FedAvg(ReplyScreen, FlowerFedAvg):
+    """Flower's FedAvg with fedvb's client addressing and screen; the replies' ``reply`` record is averaged."""
 
     def __init__(self, config: RunConfig) -> None:
-        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=0.0, arrayrecord_key="payload")
-        self.config = config
+        FlowerFedAvg.__init__(
+            self, fraction_train=config.fraction_train, fraction_evaluate=0.0, arrayrecord_key="payload"
+        )
+        ReplyScreen.__init__(self, config)
         self.algorithm = FedAvgAlgorithm()
         self._mean = initial_mean(config)
-        self.addressing = PartitionAddressing(config)
 
     def initial_arrays(self) -> ArrayRecord:
         return to_array_record({"mean": self._mean})
@@ -41,18 +45,24 @@ class FedAvg(FlowerFedAvg):
     def mean(self):
         return self._mean
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"arrays": {"mean": self._mean}, "sites": {}, "client_states": self.client_states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._mean = state["arrays"]["mean"]
+        self.client_states = dict(state["client_states"])
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = self.addressing.messages(grid, server_round, config)
-        for message in messages:
-            message.content["payload"] = to_array_record({"mean": self._mean})
-        return messages
+        return self.outgoing(grid, server_round, config, {"mean": self._mean})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, list(replies))
+        accepted = self.screen(server_round, replies, self.algorithm, ServerState({"mean": self._mean}))
+        arrays, metrics = super().aggregate_train(server_round, [message for message, _, _ in accepted.values()])
+        self.commit_states(accepted)
         if arrays is not None:
             self._mean = from_array_record(arrays)["mean"].to(self._mean)
         return arrays, metrics

@@ -1,0 +1,84 @@
+"""Checkpoints: SIGKILL a run at any moment, resume it, and get exactly the numbers of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedvb.cli import main
+
+ARGS = ["--strategy", "ivon-admm", "--dataset", "synthetic-logistic", "--model", "softmax", "--num-clients", "5",
+        "--set", "lr=0.002", "--set", "ivon_beta2=0.999", "--set", "local_epochs=4", "--set", "batch_size=8",
+        "--set", "fraction_train=0.6", "--set", "faults=nan=0.2"]  # fmt: skip
+TIMES = ("wall_time_s", "elapsed_s")
+
+
+def rows_without_times(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
+
+
+def assert_same_run(folder: Path, reference: Path) -> None:
+    assert rows_without_times(folder) == rows_without_times(reference)  # exact, not approximate
+    with np.load(folder / "posterior.npz") as got, np.load(reference / "posterior.npz") as want:
+        for key in want.files:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["run", *ARGS, "--rounds", "14", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedvb.cli", "run", *ARGS, "--rounds", "14", "--out", str(out), "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 4 <= done < 14, f"the kill should land mid-run, after {done} rounds"
+    assert not (out / "summary.json").exists()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(out, reference)
+
+
+def test_resume_after_a_crash_between_checkpoint_and_metrics_line(reference, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *ARGS, "--rounds", "5", "--out", str(out), "--quiet"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # the last row never reached the file
+    (out / "summary.json").unlink()
+    # resuming with more rounds continues from round 6 (the checkpoint holds round 5 and its row)
+    assert main(["run", "--resume", str(out), "--rounds", "14", "--quiet"]) == 0
+    assert "rounds = 14" in (out / "config.toml").read_text()
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume", "/nonexistent"], "resume: /nonexistent holds no config.toml and checkpoint.pt"),
+        (["--resume", "/tmp", "--strategy", "fedavg"], "resume: continues DIR/config.toml as it is"),
+    ],
+)
+def test_bad_resume_requests(args, message, capsys):
+    assert main(["run", *args]) == 2
+    assert message in capsys.readouterr().err
