@@ -1,4 +1,11 @@
-"""``fedvb`` command line: ``fedvb run [CONFIG.toml] [flags] [--set key=value ...]``."""
+"""``fedvb`` command line.
+
+- ``fedvb run [CONFIG.toml] [flags] [--set key=value ...]`` (or ``--resume DIR``): one experiment;
+- ``fedvb compare DIR ... [--out DIR]``: a table and overlaid curves of finished runs;
+- ``fedvb sweep CONFIG --strategies a,b --seeds 0,1 [--parallel ray]``: a grid of runs, then ``compare``.
+
+Bad input exits with code 2 and one line naming the field, before anything runs or is written.
+"""
 
 from __future__ import annotations
 
@@ -56,11 +63,36 @@ def _parser() -> argparse.ArgumentParser:
         "quiet: only the final line",
     )
     run.add_argument("--quiet", dest="output", action="store_const", const="quiet", help="same as --output quiet")
+
+    compare = commands.add_parser("compare", help="one table (markdown, CSV) and overlaid curves for several runs")
+    compare.add_argument("runs", nargs="+", metavar="DIR", help="run folders; runs differing only in seed are pooled")
+    compare.add_argument("--out", default="runs/compare", help="where compare.md/.csv/.png go (runs/compare)")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run strategies x seeds over one configuration, then compare",
+        description="Run every (strategy, seed) of the grid over CONFIG (plus --set overrides) into "
+        "OUT/STRATEGY/seedN, then write OUT/compare.md, compare.csv and compare.png.",
+    )
+    sweep.add_argument("config", nargs="?", help="the base TOML configuration")
+    sweep.add_argument("--strategies", required=True, help="comma-separated strategy names")
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    sweep.add_argument(
+        "--parallel",
+        "--backend",
+        dest="parallel",
+        choices=("inprocess", "ray"),
+        default="inprocess",
+        help="inprocess: one run after another; ray: every run a Ray task (one CPU each)",
+    )
+    sweep.add_argument("--ray-address", default="", help="Ray cluster to submit the runs to (default: a local one)")
+    sweep.add_argument("--out", default="runs/sweep", help="sweep folder (runs/sweep)")
+    sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="any key")
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    values = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    values = {name: getattr(args, name) for name in FLAGS if getattr(args, name, None) is not None}
     for item in args.sets:
         if "=" not in item:
             raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
@@ -81,17 +113,31 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_sources(folder / "config.toml", {**overrides, "out": str(folder)})
 
 
+def _check_runnable(config: RunConfig) -> None:
+    """Everything short of training: load and split the data, build the algorithm (model and data must fit)."""
+    from fedvb.experiment import make_algorithm, prepare
+
+    prepare(config)
+    make_algorithm(config)
+
+
+def _fail(error: Exception) -> int:
+    print("fedvb: error: " + " ".join(str(error).split()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = {"run": _run, "compare": _compare, "sweep": _sweep}[args.command]
+    return command(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
-        from fedvb.experiment import make_algorithm, prepare
-
-        prepare(config)  # load and split the data, check model/data fit: all before any training
-        make_algorithm(config)
+        _check_runnable(config)
     except (ValueError, FileNotFoundError) as error:  # ConfigError, data and partition errors name their field
-        print("fedvb: error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
+        return _fail(error)
     from fedvb.backends import run
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
@@ -108,6 +154,49 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     display.finish(summary, f"fedvb: {config.strategy} finished in {seconds:.1f} s -> {config.out}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedvb.compare import compare_runs
+
+    try:
+        table = compare_runs(args.runs, args.out)
+    except ValueError as error:
+        return _fail(error)
+    print(table, end="")
+    print(f"fedvb: compared {len(args.runs)} runs -> {args.out}/compare.md, compare.csv, compare.png")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fedvb.compare import compare_runs
+    from fedvb.config import STRATEGIES
+    from fedvb.sweep import grid_configs, run_grid
+
+    try:
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        unknown = [s for s in strategies if s not in STRATEGIES]
+        if unknown or not strategies:
+            raise ConfigError("strategies", f"got {unknown or args.strategies!r}; allowed: {', '.join(STRATEGIES)}")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError("seeds", f"comma-separated integers, got {args.seeds!r}") from None
+        if not seeds:
+            raise ConfigError("seeds", "give at least one seed")
+        base = RunConfig.from_sources(args.config, _overrides(args))
+        configs = grid_configs(base, strategies, seeds, args.out)
+        for config in configs:
+            _check_runnable(config)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(error)
+    started = time.perf_counter()
+    done = run_grid(configs, parallel=args.parallel, ray_address=args.ray_address)
+    if done:
+        print(compare_runs(done, args.out), end="")
+    seconds = time.perf_counter() - started
+    print(f"fedvb: sweep of {len(configs)} runs, {len(done)} finished, in {seconds:.1f} s -> {args.out}")
+    return 0 if len(done) == len(configs) else 1
 
 
 def _checkpoint_round(config: RunConfig) -> int:

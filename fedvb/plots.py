@@ -39,9 +39,13 @@ def _panels(keys: set[str]) -> list[tuple[str, str]]:
 
 
 def _grid(plt, count: int):
+    from matplotlib.ticker import MaxNLocator
+
     columns = min(3, count)
     rows = math.ceil(count / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -103,7 +107,8 @@ def plot_reliability(tables: Mapping[str, Mapping[str, np.ndarray]], path: str |
 
 
 def plot_comparison(groups: Mapping[str, Sequence[Rows]], path: str | Path) -> Path:
-    """Several settings overlaid: per setting the mean over its runs (seeds) and a +-1 std band."""
+    """Several settings overlaid: per setting the mean over its runs (seeds) and a +-1 std band; the
+    predictive variant of a metric, where a setting has one, dashed in the same colour."""
     plt = _pyplot()
     keys = set()
     for runs in groups.values():
@@ -113,17 +118,19 @@ def plot_comparison(groups: Mapping[str, Sequence[Rows]], path: str | Path) -> P
     panels = _panels(keys)
     fig, axes = _grid(plt, max(1, len(panels)))
     for ax, (key, name) in zip(axes, panels):
-        for label, runs in groups.items():
-            series = [_series(rows, key) for rows in runs if any(key in r for r in rows)]
-            if not series:
-                continue
-            length = min(len(r) for r, _ in series)
-            rounds = series[0][0][:length]
-            values = np.stack([v[:length] for _, v in series])
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(rounds, mean, marker="o", ms=3, label=f"{label} (n={len(series)})")
-            if len(series) > 1:
-                ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        for colour, (label, runs) in enumerate(groups.items()):
+            for variant, style in ((key, "-"), (f"predictive_{key}", "--")):
+                series = [_series(rows, variant) for rows in runs if any(variant in r for r in rows)]
+                if not series:
+                    continue
+                length = min(len(r) for r, _ in series)
+                rounds = series[0][0][:length]
+                values = np.stack([v[:length] for _, v in series])
+                mean, std = values.mean(0), values.std(0)
+                name = f"{label} (n={len(series)})" if style == "-" else f"{label} predictive"
+                ax.plot(rounds, mean, style, color=f"C{colour}", marker="o", ms=3, label=name)
+                if len(series) > 1:
+                    ax.fill_between(rounds, mean - std, mean + std, color=f"C{colour}", alpha=0.15)
         ax.set_title(name)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

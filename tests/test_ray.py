@@ -89,3 +89,15 @@ def test_same_seed_same_metrics_for_any_worker_count_and_backend_with_faults(ray
     two = metric_rows(tmp_path / "two")
     assert sum(r["rejected"] for r in two) > 0 and [r["round"] for r in two] == [1, 2, 3]
     assert two == metric_rows(tmp_path / "one") == metric_rows(tmp_path / "inprocess")
+
+
+def test_a_sweep_on_ray_gives_the_numbers_of_a_sweep_in_process(ray_cluster, tmp_path):
+    from fedvb.cli import main
+
+    sets = ["--set=dataset=synthetic-logistic", "--set=model=softmax", "--set=num_clients=5", "--set=rounds=2"]
+    grid = ["--strategies", "fedavg,ivon-admm", "--seeds", "0,1", *sets]
+    assert main(["sweep", *grid, "--parallel", "ray", "--ray-address", ray_cluster, "--out", str(tmp_path / "r")]) == 0
+    assert main(["sweep", *grid, "--out", str(tmp_path / "i")]) == 0
+    for folder in sorted((tmp_path / "i").glob("*/seed*")):
+        twin = tmp_path / "r" / folder.relative_to(tmp_path / "i")
+        assert metric_rows(twin) == metric_rows(folder)
