@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedvb.config import RunConfig
 
-__all__ = ["InProcessGrid", "run"]
+__all__ = ["InProcessGrid", "act_as_server", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,14 @@ class InProcessGrid(Grid):
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
+def act_as_server(grid: InProcessGrid) -> None:
+    """Flower stamps new messages with the identity of the task the process runs, which its own runtimes
+    set; with an :class:`InProcessGrid` we are that runtime (as flwr.server.compat does)."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = grid.run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
 def run(config: RunConfig, *, resume: bool = False, report=None) -> None:
     """Run ``config`` on its backend and write the run folder ``config.out`` (continue it when ``resume``);
     ``report`` receives each round's metrics row (see :func:`fedvb.servers.app.run_server`)."""
@@ -125,11 +133,7 @@ def run(config: RunConfig, *, resume: bool = False, report=None) -> None:
 
     if config.backend == "inprocess":
         grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed)
-        # Flower stamps new messages with the identity of the task the process runs,
-        # which its own runtimes set; we are that runtime here (as flwr.server.compat does).
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = grid.run.run_id
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        act_as_server(grid)
         run_server(grid, config, resume=resume, report=report)
         return
     from flwr.simulation import run_simulation
