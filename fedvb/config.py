@@ -24,6 +24,7 @@ BACKENDS = ("inprocess", "ray")
 OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("", "exact", "laplace", "ivon")
 FAMILIES = ("", "isotropic", "diagonal", "dense")
+IVON_KERNELS = ("auto", "torch", "native")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,10 @@ class RunConfig:
     ivon_hess_init: float = field(default=0.1, metadata=_meta("IVON initial h", ge=0))
     ivon_beta2: float = field(default=0.99995, metadata=_meta("IVON beta2", ge=0, lt=1))
     ivon_mc_samples: int = field(default=1, metadata=_meta("IVON Monte Carlo samples per step", min=1))
+    ivon_kernel: str = field(
+        default="auto",
+        metadata=_meta("IVON on CPU: auto (native if a C compiler builds it), torch, native", choices=IVON_KERNELS),
+    )
     eval_samples: int = field(default=32, metadata=_meta("posterior-predictive samples at evaluation", min=0))
     device: str = field(default="cpu", metadata=_meta("cpu, cuda or auto (cuda when available)"))
     client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))

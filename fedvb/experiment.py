@@ -199,6 +199,7 @@ def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
     settings = LocalSettings(
         lr=config.lr, local_epochs=config.local_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
         ivon_hess_init=config.ivon_hess_init, ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples,
+        ivon_kernel=config.ivon_kernel,
     )  # fmt: skip
     model = build_run_model(config, prepared)
     return TorchTrainer(

@@ -7,10 +7,14 @@
 # torch into .venv yourself first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Fashion-MNIST comes from a Debian package; install it when we can (root with apt).
-if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
-    || echo "setup: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped" >&2
+# Fashion-MNIST comes from a Debian package, and IVON's native CPU kernels need a C
+# compiler (fedvb.core.ivon_native); install what is missing when we can (root with apt).
+packages=()
+[ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
+command -v cc >/dev/null || command -v gcc >/dev/null || packages+=(gcc)
+if [ ${#packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && apt-get install -y -qq "${packages[@]}"; } >/dev/null 2>&1 \
+    || echo "setup: could not install ${packages[*]} (Fashion-MNIST tests, native IVON kernels)" >&2
 fi
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv

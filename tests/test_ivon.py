@@ -2,12 +2,26 @@
 
 import io
 import math
+import os
 
 import pytest
 import torch
 
+from fedvb.core import ivon_native
 from fedvb.core.gaussian import DIAGONAL, ISOTROPIC, Gaussian
 from fedvb.core.ivon import IVON
+
+# (dtype, kernel): float64 always runs the torch kernels; float32 runs either. The native kernels must build
+# in CI (a C compiler is part of the setup); elsewhere their cases are skipped when they cannot.
+NATIVE_MISSING = ivon_native.load() is None and os.environ.get("CI") != "true"
+KERNELS = [
+    pytest.param(torch.float64, "torch", id="float64"),
+    pytest.param(torch.float32, "torch", id="float32-torch"),
+    pytest.param(
+        torch.float32, "native", id="float32-native",
+        marks=pytest.mark.skipif(NATIVE_MISSING, reason="no C compiler for the native IVON kernels"),
+    ),
+]  # fmt: skip
 
 
 def small_mlp(seed=0, dtype=torch.float64):
@@ -28,7 +42,8 @@ def train_step(model, opt, x, y, samples=1, noise=None):
     opt.step()
 
 
-def test_known_answer_bayesian_linear_regression_with_prior_mean_and_duals():
+@pytest.mark.parametrize("dtype, kernel", KERNELS)
+def test_known_answer_bayesian_linear_regression_with_prior_mean_and_duals(dtype, kernel):
     """Mean within 1% and every precision within 5% of the exact mean-field optimum.
 
     Objective: N E[lbar] + E[v^T t - 1/2 t^T V t] + KL(q || N(m0, diag(S0)^-1)) with
@@ -47,9 +62,12 @@ def test_known_answer_bayesian_linear_regression_with_prior_mean_and_duals():
     exact_mean = torch.linalg.solve(a, x.T @ y / sigma2 - v + prior_precision * prior_mean)
     exact_precision = torch.diagonal(a)
 
-    w = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    w = torch.nn.Parameter(torch.zeros(d, dtype=dtype))
+    x, y = x.to(dtype), y.to(dtype)
     # hess_init = 1/sigma^2 is the per-example curvature one expects for standardised inputs.
-    opt = IVON([w], lr=0.1, ess=n, hess_init=4.0, beta2=0.9995, generator=torch.Generator().manual_seed(1))
+    opt = IVON(
+        [w], lr=0.1, ess=n, hess_init=4.0, beta2=0.9995, generator=torch.Generator().manual_seed(1), kernel=kernel
+    )
     opt.set_prior(prior_mean, prior_precision)
     opt.set_dual(v, big_v)
     steps = 4000
@@ -63,8 +81,9 @@ def test_known_answer_bayesian_linear_regression_with_prior_mean_and_duals():
         schedule.step()
     q = opt.posterior()
     assert q.family is DIAGONAL
-    assert ((q.mean - exact_mean).norm() / exact_mean.norm()).item() <= 0.01
-    assert ((q.precision - exact_precision).abs() / exact_precision).max().item() <= 0.05
+    assert opt._flat[0].native is not None if kernel == "native" else opt._flat[0].native is None
+    assert ((q.mean.double() - exact_mean).norm() / exact_mean.norm()).item() <= 0.01
+    assert ((q.precision.double() - exact_precision).abs() / exact_precision).max().item() <= 0.05
 
 
 class ReferenceIVON:
@@ -108,28 +127,32 @@ class ReferenceIVON:
                 p.sub_(self.lr * update)
 
 
+@pytest.mark.parametrize("dtype, kernel", KERNELS)
 @pytest.mark.parametrize("samples", [1, 3])
-def test_matches_a_slow_reference_step_for_step(samples):
-    ours_model, ref_model = small_mlp(), small_mlp()
+def test_matches_a_slow_reference_step_for_step(samples, dtype, kernel):
+    ours_model, ref_model = small_mlp(dtype=dtype), small_mlp(dtype=dtype)
     ess, wd = 500.0, 1e-2
     kwargs = dict(lr=0.05, hess_init=0.3, beta1=0.9, beta2=0.99)
-    opt = IVON(ours_model.parameters(), ess=ess, prior_precision=ess * wd, **kwargs)
+    opt = IVON(ours_model.parameters(), ess=ess, prior_precision=ess * wd, kernel=kernel, **kwargs)
     ref = ReferenceIVON(ref_model.parameters(), ess=ess, weight_decay=wd, **kwargs)
     g = torch.Generator().manual_seed(5)
-    for x, y in batches():
-        noise = [torch.randn(opt.num_trainable, generator=g, dtype=torch.float64) for _ in range(samples)]
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5  # float32: rounding in a different order
+    for x, y in batches(dtype=dtype):
+        noise = [torch.randn(opt.num_trainable, generator=g, dtype=dtype) for _ in range(samples)]
         train_step(ours_model, opt, x, y, samples, noise)
         ref.step(lambda x=x, y=y: torch.nn.functional.cross_entropy(ref_model(x), y), noise)
         for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(opt.posterior().precision, torch.cat([ess * (h + wd).flatten() for h in ref.hess]))
+            torch.testing.assert_close(p, q, rtol=tolerance, atol=tolerance)
+    expected = torch.cat([ess * (h + wd).flatten() for h in ref.hess])
+    torch.testing.assert_close(opt.posterior().precision, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_save_and_load_mid_training_continues_exactly():
-    data = batches(seed=1, n=20)
+@pytest.mark.parametrize("dtype, kernel", KERNELS)
+def test_save_and_load_mid_training_continues_exactly(dtype, kernel):
+    data = batches(seed=1, n=20, dtype=dtype)
 
     def fresh(seed):
-        model = small_mlp(seed)
+        model = small_mlp(seed, dtype=dtype)
         opt = IVON(
             model.parameters(),
             lr=0.05,
@@ -137,6 +160,7 @@ def test_save_and_load_mid_training_continues_exactly():
             hess_init=0.5,
             beta2=0.999,
             generator=torch.Generator().manual_seed(7),
+            kernel=kernel,
         )
         return model, opt
 
@@ -163,13 +187,14 @@ def test_save_and_load_mid_training_continues_exactly():
     assert torch.equal(opt.posterior().precision, resumed_opt.posterior().precision)
 
 
-def test_frozen_parameters_are_neither_perturbed_nor_decayed():
-    model = small_mlp()
+@pytest.mark.parametrize("dtype, kernel", KERNELS)
+def test_frozen_parameters_are_neither_perturbed_nor_decayed(dtype, kernel):
+    model = small_mlp(dtype=dtype)
     model[0].weight.requires_grad_(False)
     frozen = model[0].weight.detach().clone()
-    opt = IVON(model.parameters(), lr=0.1, ess=50.0, prior_precision=50.0, hess_init=0.1)
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0, prior_precision=50.0, hess_init=0.1, kernel=kernel)
     assert opt.num_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for x, y in batches(n=5):
+    for x, y in batches(n=5, dtype=dtype):
         with opt.sampled_params(train=True):
             assert torch.equal(model[0].weight, frozen)
             assert not torch.equal(model[2].weight, opt.posterior().mean[-27:-3].view(3, 8))
@@ -179,13 +204,17 @@ def test_frozen_parameters_are_neither_perturbed_nor_decayed():
     assert torch.equal(model[0].weight, frozen)
 
 
-def test_parameters_without_a_gradient_are_left_alone_in_that_step():
+@pytest.mark.parametrize("dtype, kernel", KERNELS)
+def test_parameters_without_a_gradient_are_left_alone_in_that_step(dtype, kernel):
     torch.manual_seed(0)
-    used, unused = torch.nn.Linear(4, 2).double(), torch.nn.Linear(4, 2).double()
-    opt = IVON([*used.parameters(), *unused.parameters()], lr=0.1, ess=20.0, prior_precision=20.0, hess_init=0.2)
+    used, unused = torch.nn.Linear(4, 2).to(dtype), torch.nn.Linear(4, 2).to(dtype)
+    opt = IVON(
+        [*used.parameters(), *unused.parameters()], lr=0.1, ess=20.0, prior_precision=20.0, hess_init=0.2,
+        kernel=kernel,
+    )  # fmt: skip
     before = [p.detach().clone() for p in unused.parameters()]
     state_before = opt.state_dict()["state"][0]
-    x = torch.randn(8, 4, dtype=torch.float64)
+    x = torch.randn(8, 4, dtype=dtype)
     for _ in range(3):
         with opt.sampled_params(train=True):
             opt.zero_grad(set_to_none=True)
@@ -232,9 +261,13 @@ def test_warm_start_and_read_back_round_trip():
     torch.testing.assert_close(opt.posterior().precision, torch.full_like(target.precision, 40.0))
 
 
-def test_sampling_uses_the_posterior_variance_and_restores_the_mean():
-    w = torch.nn.Parameter(torch.zeros(20000, dtype=torch.float64))
-    opt = IVON([w], lr=0.1, ess=10.0, prior_precision=0.0, hess_init=0.4, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("dtype, kernel", KERNELS)
+def test_sampling_uses_the_posterior_variance_and_restores_the_mean(dtype, kernel):
+    w = torch.nn.Parameter(torch.zeros(20000, dtype=dtype))
+    opt = IVON(
+        [w], lr=0.1, ess=10.0, prior_precision=0.0, hess_init=0.4, generator=torch.Generator().manual_seed(0),
+        kernel=kernel,
+    )  # fmt: skip
     with opt.sampled_params():
         draw = w.detach().clone()
     assert torch.equal(w.detach(), torch.zeros_like(w))

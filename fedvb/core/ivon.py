@@ -31,7 +31,12 @@ size (``rescale_lr=False`` in ``ivon-opt``).
 Implementation: the trainable parameters of each group become views into one
 flat buffer, so sampling, restoring and the update are a handful of
 whole-buffer tensor ops instead of a Python loop over parameters (CPU and GPU
-alike).  Parameters with ``requires_grad=False`` are left out entirely (never
+alike).  On a CPU with float32 parameters the draw and the update run in two
+fused native loops (``ivon_native.c``, :mod:`fedvb.core.ivon_native`): the
+noise then comes from a counter-based generator keyed by one 64-bit number
+drawn from ``generator`` per sample, instead of torch's ``normal_``; with
+``kernel="torch"`` (or without a C compiler) everything is torch ops.
+Parameters with ``requires_grad=False`` are left out entirely (never
 perturbed, never decayed); a parameter whose gradient is ``None`` in a step is
 not moved by that step and its curvature and momentum are kept.
 """
@@ -47,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedvb.core import ivon_native
 from fedvb.core.gaussian import DIAGONAL, ISOTROPIC, Gaussian
 
 __all__ = ["IVON"]
@@ -76,7 +82,7 @@ class _FlatGroup:
     dual_quadratic: Tensor | None = None  # V
     grad: Tensor | None = None  # the gradients of the current sample, gathered
     saved: Tensor | None = None  # the mean while the parameters hold a draw
-    noise: Tensor | None = None  # z of the current draw; g * z once collected (one sample)
+    noise: Tensor | None = None  # z of the current draw; g * z once collected (one sample, torch kernels)
     sqrt_precision: Tensor | None = None  # sqrt(lam (h + delta)), fixed within a step
     work: Tensor | None = None
     grad_sum: Tensor | None = None  # sum of g over samples, allocated for a second sample
@@ -87,6 +93,7 @@ class _FlatGroup:
     count: int = 0
     chunk: int = 0
     views: dict[str, list[Tensor | None]] = field(default_factory=dict)
+    native: ivon_native.NativeKernels | None = None  # the fused CPU kernels, when they serve this group
 
     @property
     def numel(self) -> int:
@@ -131,6 +138,8 @@ class IVON(torch.optim.Optimizer):
         beta1, beta2: momentum of the gradient and of ``h``.
         clip_radius: elementwise clip of the preconditioned step (``inf``: none).
         generator: the random source of the weight noise (for reproducible runs).
+        kernel: ``auto`` (the fused native CPU kernels for float32 CPU groups when a C compiler is
+            available, torch ops otherwise), ``torch``, or ``native`` (an error when unavailable).
 
     Training pattern::
 
@@ -155,7 +164,13 @@ class IVON(torch.optim.Optimizer):
         beta2: float = 0.99999,
         clip_radius: float = math.inf,
         generator: torch.Generator | None = None,
+        kernel: str = "auto",
     ) -> None:
+        if kernel not in ("auto", "torch", "native"):
+            raise ValueError(f"IVON: kernel must be auto, torch or native, got {kernel!r}")
+        self._kernels = None if kernel == "torch" else ivon_native.load()
+        if kernel == "native" and self._kernels is None:
+            raise RuntimeError("IVON: kernel='native' but the native kernels could not be built (see the log)")
         for name, value, ok, allowed in (
             ("lr", lr, lr >= 0, ">= 0"),
             ("ess", ess, ess > 0, "> 0"),
@@ -213,6 +228,8 @@ class IVON(torch.optim.Optimizer):
         )
         self._bind(flat, copy_values=True)
         flat.allocate_scratch()
+        if self._kernels is not None and ivon_native.NativeKernels.supports(storage):
+            flat.native = self._kernels
         self._flat.append(flat)
 
     @staticmethod
@@ -372,8 +389,15 @@ class IVON(torch.optim.Optimizer):
                     flat.grad_sum, flat.grad_noise = torch.empty_like(flat.grad), torch.empty_like(flat.noise)
                     flat.refresh_views()
                 flat.grad_sum.copy_(flat.grad)
-                flat.grad_noise.copy_(flat.noise)
+                if flat.native is not None:  # the native path keeps z, not g * z, after one sample
+                    torch.mul(flat.grad, flat.noise, out=flat.grad_noise)
+                else:
+                    flat.grad_noise.copy_(flat.noise)
                 flat.summed = True
+        if given is None and flat.native is not None:
+            key = int(torch.randint(0, 2**63 - 1, (), generator=self.generator))
+            flat.native.sample_(flat.storage, flat.saved, flat.noise, flat.sqrt_precision, key)
+            return
         if given is None:
             flat.noise.normal_(generator=self.generator)
         else:
@@ -391,7 +415,8 @@ class IVON(torch.optim.Optimizer):
         ]
         torch.cat(parts, out=flat.grad)
         if flat.count == 0:
-            flat.noise.mul_(flat.grad)  # now g * z
+            if flat.native is None:  # the native update forms g * z itself
+                flat.noise.mul_(flat.grad)  # now g * z
             flat.seen = seen
         else:
             flat.grad_sum.add_(flat.grad)
@@ -447,13 +472,20 @@ class IVON(torch.optim.Optimizer):
             flat.grad_noise.div_(flat.count)
         c = lam / (1.0 - beta1 ** group["step"])
         scalars = dict(beta1=beta1, beta2=beta2, lam=lam, c=c, lr=lr, clip=clip)
-        v = flat.views
-        grads, grad_noises = (v["grad_sum"], v["grad_noise"]) if flat.summed else (v["grad"], v["noise"])
-        for chunk in zip(
-            v["storage"], v["hess"], v["momentum"], grads, grad_noises, v["sqrt_precision"],
-            v["prior_precision"], v["prior_natural"], v["dual_linear"], v["dual_quadratic"], v["work"],
-        ):  # fmt: skip
-            ivon_update_(*chunk, **scalars)
+        if flat.native is not None:
+            grad, grad_noise = (flat.grad_sum, flat.grad_noise) if flat.summed else (flat.grad, flat.noise)
+            flat.native.update_(
+                flat.storage, flat.hess, flat.momentum, grad, grad_noise, flat.sqrt_precision, flat.prior_precision,
+                flat.prior_natural, flat.dual_linear, flat.dual_quadratic, raw_noise=not flat.summed, **scalars,
+            )  # fmt: skip
+        else:
+            v = flat.views
+            grads, grad_noises = (v["grad_sum"], v["grad_noise"]) if flat.summed else (v["grad"], v["noise"])
+            for chunk in zip(
+                v["storage"], v["hess"], v["momentum"], grads, grad_noises, v["sqrt_precision"],
+                v["prior_precision"], v["prior_natural"], v["dual_linear"], v["dual_quadratic"], v["work"],
+            ):  # fmt: skip
+                ivon_update_(*chunk, **scalars)
 
         if keep is not None:  # parameters without a gradient this step are left as they were
             for buffer, previous in zip((flat.hess, flat.momentum, flat.storage), old):

@@ -42,6 +42,7 @@ class LocalSettings:
     ivon_hess_init: float = 0.1
     ivon_beta2: float = 0.99995
     ivon_mc_samples: int = 1
+    ivon_kernel: str = "auto"  # see fedvb.core.ivon.IVON
     curvature_batch: int = 16
 
 
@@ -178,7 +179,7 @@ class TorchTrainer:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         opt = IVON(
             params, lr=s.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
-            beta2=s.ivon_beta2, generator=generator,
+            beta2=s.ivon_beta2, generator=generator, kernel=s.ivon_kernel,
         )  # fmt: skip
         precision = server.precision.expand(server.dim) if server.family is ISOTROPIC else server.precision
         device_dtype = dict(device=self.device, dtype=torch.get_default_dtype())
