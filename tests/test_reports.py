@@ -90,3 +90,41 @@ def test_sweep_rejects_bad_input_before_running(args, message, tmp_path, capsys)
     assert main(["sweep", *args, "--out", str(tmp_path / "sweep")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_jsonl_output_is_one_row_per_round_then_the_summary(tmp_path, capsys):
+    args = [f"--set={k}={v}" for k, v in SMALL.items()]
+    assert main(["run", *args, "--strategy", "fedavg", "--output", "jsonl", "--out", str(tmp_path / "r")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["round"] for r in lines[:-1]] == [1, 2, 3] and set(lines[-1]) == {"summary"}
+    assert lines[:-1] == [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bar_output_ends_with_the_summary_table(tmp_path, capsys):
+    args = [f"--set={k}={v}" for k, v in SMALL.items()]
+    assert main(["run", *args, "--strategy", "fedavg", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "fedvb summary" in out and "accuracy" in out and out.rstrip().endswith(str(tmp_path / "r"))
+
+
+def test_a_stopped_run_exits_1_and_says_how_to_resume(tmp_path, capsys):
+    args = [f"--set={k}={v}" for k, v in SMALL.items()]
+    out = str(tmp_path / "r")
+    assert main(["run", *args, "--strategy", "fedavg", "--set", "faults=raise=1.0", "--quiet", "--out", out]) == 1
+    assert f"continue with: fedvb run --resume {out}" in capsys.readouterr().err
+
+
+def test_bytes_and_rounds_to_target_are_what_was_sent_and_reached(tmp_path):
+    config = RunConfig.from_mapping({**SMALL, "strategy": "ivon-admm", "target_accuracy": 0.7, "out": str(tmp_path)})
+    run(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    dim = len(np.load(tmp_path / "posterior.npz")["mean"])
+    # down: mean, precision (float64) and the round counter to each of 5 clients; up: mean, precision and
+    # the two site vectors (float64) from each
+    for row in rows:
+        assert 5 * 8 * (2 * dim + 1) <= row["bytes_down"] <= 5 * (8 * (2 * dim + 1) + 1024)
+        assert 5 * 8 * 4 * dim <= row["bytes_up"] <= 5 * (8 * 4 * dim + 1024)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reached = [r["round"] for r in rows if r["accuracy"] >= 0.7]
+    assert summary["rounds_to_target"] == (reached[0] if reached else None)
+    assert summary["bytes_total"] == sum(r["bytes_up"] + r["bytes_down"] for r in rows)
