@@ -276,13 +276,15 @@ def test_predictions(config: RunConfig, mean: Tensor, posterior: Gaussian | None
     return outputs
 
 
-def evaluate(config: RunConfig, mean: Tensor, posterior: Gaussian | None) -> dict[str, float]:
+def evaluate(
+    config: RunConfig, mean: Tensor, posterior: Gaussian | None, outputs: dict[str, Tensor] | None = None
+) -> dict[str, float]:
     """Server-model metrics on the test set (:func:`fedvb.metrics.score` of the posterior mean, and with the
     prefix ``predictive_`` of the Monte Carlo predictive) and the mean model's accuracy on each client's
-    local test split (mean, worst, spread)."""
+    local test split (mean, worst, spread). ``outputs``: :func:`test_predictions` if already computed."""
     prepared = prepare(config)
     dataset = prepared.dataset
-    outputs = test_predictions(config, mean, posterior)
+    outputs = test_predictions(config, mean, posterior) if outputs is None else outputs
     if not outputs:
         return {}
     metrics = score(outputs["mean"], outputs["y"], dataset.task)

@@ -53,6 +53,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: R
         folder.write_picture("labels.png", lambda path: write_label_distribution(config, path))
     started = time.perf_counter() - elapsed_before
     status = {"status": "completed"}
+    outputs = None  # the last round's test predictions, for the pictures
     for server_round in range(first_round, config.rounds + 1):
         round_started = time.perf_counter()
         try:
@@ -61,8 +62,9 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: R
             log.error("%s; stopping (state of round %d kept in the checkpoint)", error, server_round - 1)
             status = {"status": "stopped", "reason": str(error)}
             break
-        posterior = strategy.posterior() if strategy.algorithm.uncertainty else None
-        metrics = evaluate(config, strategy.mean(), posterior)
+        posterior = _sampled_posterior(strategy)
+        outputs = test_predictions(config, strategy.mean(), posterior)
+        metrics = evaluate(config, strategy.mean(), posterior, outputs)
         now = time.perf_counter()
         row = {"round": server_round, **metrics, **strategy.round_log, "retries": retries,
                "wall_time_s": now - round_started, "elapsed_s": now - started}  # fmt: skip
@@ -73,20 +75,26 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: R
     totals.update(status, **_rounds_to_target(folder.rows, config.target_accuracy))
     totals["bytes_total"] = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in folder.rows)
     folder.finish(strategy.mean(), strategy.posterior(), totals)
-    _write_pictures(config, folder, strategy)
+    if outputs is None and folder.rows:  # resumed after the last round: nothing evaluated in this process
+        outputs = test_predictions(config, strategy.mean(), _sampled_posterior(strategy))
+    _write_pictures(config, folder, outputs)
     return folder
 
 
-def _write_pictures(config: RunConfig, folder: RunFolder, strategy) -> None:
-    """curves.png (metrics against rounds) and, for classifiers, reliability.png of the final model."""
+def _write_pictures(config: RunConfig, folder: RunFolder, outputs: dict | None) -> None:
+    """curves.png (metrics against rounds) and, for classifiers, reliability.png of the last round's model
+    (``outputs``: its :func:`~fedvb.experiment.test_predictions`)."""
     title = f"{config.strategy}: {config.dataset if not config.data else Path(config.data).name}"
     folder.write_picture("curves.png", lambda path: plot_curves(folder.rows, path, title=title))
-    posterior = strategy.posterior() if strategy.algorithm.uncertainty else None
-    outputs = test_predictions(config, strategy.mean(), posterior)
     if outputs and outputs["mean"].ndim == 2:
         names = {"mean": "posterior mean", "predictive": "predictive"}
         tables = {names[k]: calibration_bins(outputs[k], outputs["y"]) for k in names if k in outputs}
         folder.write_picture("reliability.png", lambda path: plot_reliability(tables, path, title=title))
+
+
+def _sampled_posterior(strategy):
+    """The server's Gaussian when it is a posterior worth sampling for predictions, else None."""
+    return strategy.posterior() if strategy.algorithm.uncertainty else None
 
 
 def _train_round(grid: Grid, strategy, config: RunConfig, server_round: int) -> int:
