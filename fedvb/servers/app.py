@@ -44,10 +44,9 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: R
     strategy = make_strategy(config)
     folder = RunFolder(config, resume=resume)
     first_round, elapsed_before = 1, 0.0
-    if resume:
-        checkpoint = folder.load_checkpoint()
-        strategy.load_state_dict(checkpoint["strategy"])
-        first_round = checkpoint["round"] + 1
+    if folder.resumed is not None:
+        strategy.load_state_dict(folder.resumed["strategy"])
+        first_round = folder.resumed["round"] + 1
         elapsed_before = folder.rows[-1]["elapsed_s"] if folder.rows else 0.0
     else:
         folder.write_picture("labels.png", lambda path: write_label_distribution(config, path))

@@ -45,8 +45,10 @@ class RunFolder:
         self.path = Path(config.out)
         self.metrics_path = self.path / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
+        self.resumed: dict[str, Any] | None = None  # the checkpoint a resumed run continues from
         if resume:  # the checkpoint's rows are the truth: a crash may have come before a row's append
-            self.rows = self.load_checkpoint()["rows"]
+            self.resumed = self.load_checkpoint()
+            self.rows = self.resumed["rows"]
             _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         else:
             self.path.mkdir(parents=True, exist_ok=True)
