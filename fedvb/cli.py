@@ -200,9 +200,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_round(config: RunConfig) -> int:
+    """The round a resumed run starts after (memory-mapped: the tensors are not read here)."""
     import torch
 
-    return int(torch.load(Path(config.out) / "checkpoint.pt", weights_only=True)["round"])
+    return int(torch.load(Path(config.out) / "checkpoint.pt", weights_only=True, mmap=True)["round"])
 
 
 if __name__ == "__main__":

@@ -65,32 +65,36 @@ static inline void normal_pair(uint32_t h1, uint32_t h2, float *z0, float *z1) {
     *z1 = radius * float_of(b ^ ((q >> 1) << 31));
 }
 
+/* The Box-Muller pair number `pair` of the stream `key`: hashes of the counters 2 pair and 2 pair + 1. */
+static inline void keyed_pair(uint32_t pair, uint32_t k1, uint32_t k2, float *z0, float *z1) {
+    normal_pair(mix32(mix32((2U * pair) ^ k1) + k2), mix32(mix32((2U * pair + 1U) ^ k1) + k2), z0, z1);
+}
+
+/* noise[i] <- z; saved[i] <- param[i]; param[i] <- param[i] + z / sqrt_precision[i]. */
+static inline void move(float *restrict param, float *restrict saved, float *restrict noise,
+                        const float *restrict sqrt_precision, int64_t i, float z) {
+    noise[i] = z;
+    saved[i] = param[i];
+    param[i] = param[i] + z / sqrt_precision[i];
+}
+
 /* noise <- z ~ N(0, 1) (a function of key and element index only); saved <- param;
    param <- param + z / sqrt_precision.  Element j and j + half share one Box-Muller pair. */
 void ivon_sample(float *restrict param, float *restrict saved, float *restrict noise,
                  const float *restrict sqrt_precision, int64_t n, uint64_t key) {
     const uint32_t k1 = (uint32_t)key, k2 = (uint32_t)(key >> 32);
-    const int64_t half = (n + 1) / 2, pairs = n / 2; /* n odd: element pairs uses only z0 */
+    const int64_t half = (n + 1) / 2, pairs = n / 2; /* n odd: element `pairs` uses only z0 */
     float *restrict param_hi = param + half, *restrict saved_hi = saved + half, *restrict noise_hi = noise + half;
     const float *restrict sqrt_precision_hi = sqrt_precision + half;
+    float z0, z1;
     for (int64_t j = 0; j < pairs; j++) {
-        uint32_t counter = (uint32_t)j;
-        float z0, z1;
-        normal_pair(mix32(mix32((2U * counter) ^ k1) + k2), mix32(mix32((2U * counter + 1U) ^ k1) + k2), &z0, &z1);
-        noise[j] = z0;
-        saved[j] = param[j];
-        param[j] = param[j] + z0 / sqrt_precision[j];
-        noise_hi[j] = z1;
-        saved_hi[j] = param_hi[j];
-        param_hi[j] = param_hi[j] + z1 / sqrt_precision_hi[j];
+        keyed_pair((uint32_t)j, k1, k2, &z0, &z1);
+        move(param, saved, noise, sqrt_precision, j, z0);
+        move(param_hi, saved_hi, noise_hi, sqrt_precision_hi, j, z1);
     }
     if (half > pairs) {
-        uint32_t counter = (uint32_t)pairs;
-        float z0, z1;
-        normal_pair(mix32(mix32((2U * counter) ^ k1) + k2), mix32(mix32((2U * counter + 1U) ^ k1) + k2), &z0, &z1);
-        noise[pairs] = z0;
-        saved[pairs] = param[pairs];
-        param[pairs] = param[pairs] + z0 / sqrt_precision[pairs];
+        keyed_pair((uint32_t)pairs, k1, k2, &z0, &z1);
+        move(param, saved, noise, sqrt_precision, pairs, z0);
     }
 }
 
