@@ -1,7 +1,6 @@
 """Offline datasets: shapes, class counts and value ranges; readers of the standard formats; partitions."""
 
 import gzip
-import os
 import pickle
 from pathlib import Path
 
@@ -17,20 +16,10 @@ from fedvb.data import (
 )
 from fedvb.data import datasets as datasets_module
 from fedvb.data.readers import read_cifar10_python, read_idx
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-# Outside CI a missing dataset skips its test; in CI (CI=true) it fails, so a broken install cannot pass.
-IN_CI = bool(os.environ.get("CI"))
-needs_shared = pytest.mark.skipif(
-    not IN_CI and not (SHARED / "mnist.npz").exists(), reason="shared/data not beside the checkout"
-)
-needs_fashion = pytest.mark.skipif(
-    not IN_CI and not FASHION.exists(), reason="Debian package dataset-fashion-mnist not installed"
-)
+from tests.marks import needs_data
 
 
-@needs_fashion
+@needs_data("fashion-mnist")
 def test_fashion_mnist():
     raw = load_dataset("fashion-mnist", preprocessing="raw")
     assert raw.x_train.shape == (60000, 1, 28, 28) and raw.x_test.shape == (10000, 1, 28, 28)
@@ -42,7 +31,7 @@ def test_fashion_mnist():
     assert std.class_names[0] == "T-shirt/top"
 
 
-@needs_shared
+@needs_data("mnist")
 def test_mnist_from_npz_and_from_idx_files_agree(tmp_path):
     d = load_dataset("mnist", preprocessing="raw")
     assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
@@ -54,7 +43,7 @@ def test_mnist_from_npz_and_from_idx_files_agree(tmp_path):
     # The same arrays from the four standard IDX files (gzip and plain mixed).
     folder = tmp_path / "mnist"
     folder.mkdir()
-    with np.load(SHARED / "mnist.npz") as z:
+    with np.load(datasets_module.FILE_FINDERS["mnist"](None)) as z:
         write_idx(folder / "train-images-idx3-ubyte.gz", z["x_train"])
         write_idx(folder / "train-labels-idx1-ubyte", z["y_train"])
         write_idx(folder / "t10k-images-idx3-ubyte.gz", z["x_test"])
@@ -97,7 +86,7 @@ def test_cifar10_python_batches_reader(tmp_path):
     assert arrays["y_train"].tolist() == [0, 1, 2, 9] * 5
 
 
-@needs_shared
+@needs_data("cifar10")
 def test_cifar10_jpeg_copy():
     d = load_dataset("cifar10", preprocessing="raw")
     assert d.x_train.shape == (50000, 3, 32, 32) and d.x_test.shape == (10000, 3, 32, 32)
@@ -108,7 +97,7 @@ def test_cifar10_jpeg_copy():
     assert d.class_names[3] == "cat"
 
 
-@needs_shared
+@needs_data("uci-credit")
 def test_uci_credit_as_in_the_papers_code():
     d = load_dataset("uci-credit")
     assert d.x_train.shape[0] + d.x_test.shape[0] == 653  # 690 rows less the 37 with '?'
@@ -116,7 +105,7 @@ def test_uci_credit_as_in_the_papers_code():
     assert d.x_train.shape[1] == d.x_test.shape[1] == 46 and np.isfinite(d.x_train).all()
 
 
-@needs_shared
+@needs_data("uci-heart")
 def test_uci_heart_has_flambys_four_centres():
     d = load_dataset("uci-heart")
     assert np.bincount(d.natural_clients).tolist() == [199, 172, 30, 85]

@@ -6,19 +6,16 @@ machine: FedAvg 76.8%, IVON-ADMM 75.7% (posterior predictive 75.7%).
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from fedvb.backends import run
 from fedvb.config import RunConfig
+from tests.marks import needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("CI") and not Path("/usr/share/datasets/fashion-mnist").exists(),
-    reason="Debian package dataset-fashion-mnist not installed",
-)
+pytestmark = needs_data("fashion-mnist")
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ivon-admm"])

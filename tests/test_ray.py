@@ -1,12 +1,6 @@
 """The ray backend, attached by address to a real local Ray cluster, gives the in-process numbers."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,34 +8,21 @@ import pytest
 
 from fedvb.backends import run
 from fedvb.config import STRATEGIES, RunConfig
-
-RAY = Path(sys.executable).with_name("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.processes import ray_head
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A Ray head on loopback, stopped afterwards whatever happens."""
-    port = free_port()
-    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run(
-        [str(RAY if RAY.exists() else shutil.which("ray")), "start", "--head", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-         f"--temp-dir={temp}"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr[-2000:]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A Ray head on loopback in its own temp dir; only its own processes are stopped afterwards."""
+    with ray_head(num_cpus=2) as head:
+        yield head["address"]
+
+
+def completed(folder: Path) -> Path:
+    """A run folder whose run finished: a stopped run (a lost cluster, say) is never compared."""
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    return folder
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -56,7 +37,8 @@ def test_ray_backend_attached_to_a_cluster_matches_inprocess(strategy, ray_clust
     )
     run(on_ray)
     run(on_ray.replace(backend="inprocess", ray_address="", out=str(tmp_path / "i")))
-    with np.load(tmp_path / "r" / "posterior.npz") as a, np.load(tmp_path / "i" / "posterior.npz") as b:
+    on_ray_file, in_process_file = (completed(tmp_path / name) / "posterior.npz" for name in ("r", "i"))
+    with np.load(on_ray_file) as a, np.load(in_process_file) as b:
         assert a.files == b.files
         for key in a.files:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-8)
@@ -65,7 +47,7 @@ def test_ray_backend_attached_to_a_cluster_matches_inprocess(strategy, ray_clust
 
 def metric_rows(folder: Path) -> list[dict]:
     """Every metric of every round, without timings, and rejections as counts (node ids differ by backend)."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (completed(folder) / "metrics.jsonl").read_text().splitlines()]
     return [
         {
             **{k: v for k, v in r.items() if k not in ("wall_time_s", "elapsed_s", "rejected")},

@@ -6,7 +6,7 @@ integer labels (float targets for regression).  Images are ``(N, C, H, W)``.
 Preprocessing: ``"standardize"`` (the default) scales images to [0, 1] and then
 to zero mean and unit variance with the training set's statistics (per channel
 for colour, per feature for tables); ``"raw"`` keeps the papers' inputs
-(research/papers.md §5 item 4): Fashion-MNIST as 0-255 floats, MNIST, CIFAR-10
+(docs/data.md, input scaling): Fashion-MNIST as 0-255 floats, MNIST, CIFAR-10
 and digits in [0, 1], tables with unscaled continuous columns.
 """
 
@@ -97,7 +97,7 @@ def _images(name, arrays, preprocessing, raw_scale, class_names=None) -> Dataset
     )
 
 
-def _fashion_mnist(data_dir, preprocessing, seed, **_) -> Dataset:
+def _find_fashion_mnist(data_dir) -> Path:
     folders = [d / "fashion-mnist" for d in search_dirs(data_dir)] + [Path("/usr/share/datasets/fashion-mnist")]
     if data_dir is not None:
         folders.insert(0, Path(data_dir))
@@ -109,19 +109,28 @@ def _fashion_mnist(data_dir, preprocessing, seed, **_) -> Dataset:
     )
     if not idx_folder_has_files(folder):
         raise DataNotFoundError(f"fashion-mnist: {folder} lacks the four IDX files")
+    return folder
+
+
+def _fashion_mnist(data_dir, preprocessing, seed, **_) -> Dataset:
+    folder = _find_fashion_mnist(data_dir)
     names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
     return _images("fashion-mnist", read_idx_folder(folder), preprocessing, raw_scale=255.0, class_names=names)
 
 
-def _mnist(data_dir, preprocessing, seed, **_) -> Dataset:
+def _find_mnist(data_dir) -> Path:
     candidates = []
     for d in search_dirs(data_dir):
         candidates += [d / "mnist.npz", d / "mnist"]
-    path = find_first(
+    return find_first(
         [c for c in candidates if c.suffix == ".npz" or idx_folder_has_files(c)] or candidates[:1],
         "mnist",
         "Put mnist.npz (keys x_train, y_train, x_test, y_test) or the four IDX files in DATA_DIR/mnist.",
     )
+
+
+def _mnist(data_dir, preprocessing, seed, **_) -> Dataset:
+    path = _find_mnist(data_dir)
     if path.suffix == ".npz":
         with np.load(path) as z:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
@@ -130,17 +139,21 @@ def _mnist(data_dir, preprocessing, seed, **_) -> Dataset:
     return _images("mnist", arrays, preprocessing, raw_scale=1.0)
 
 
-def _cifar10(data_dir, preprocessing, seed, **_) -> Dataset:
-    from fedvb.data.readers import CIFAR10_CLASSES
-
+def _find_cifar10(data_dir) -> Path:
     candidates = []
     for d in search_dirs(data_dir):
         candidates += [d / "cifar-10-batches-py", d / "cifar10-jpeg.tar.gz"]
-    source = find_first(
+    return find_first(
         candidates,
         "cifar10",
         "Put the original python batches (cifar-10-batches-py/) or cifar10-jpeg.tar.gz in the data directory.",
     )
+
+
+def _cifar10(data_dir, preprocessing, seed, **_) -> Dataset:
+    from fedvb.data.readers import CIFAR10_CLASSES
+
+    source = _find_cifar10(data_dir)
     if source.is_dir():
         arrays = read_cifar10_python(source)
     else:
@@ -185,15 +198,19 @@ def _one_hot_table(rows, categorical, continuous, preprocessing, train_rows):
     return np.concatenate([numbers, *columns], axis=1).astype(np.float32)
 
 
-def _uci_credit(data_dir, preprocessing, seed, **_) -> Dataset:
-    """UCI Credit Approval as in the papers' code (papers.md §2.5): rows with '?' dropped,
-    categorical columns one-hot, class '-' = 0 and '+' = 1, a stratified 80/20 split with seed 1."""
-    path = find_first(
+def _find_uci_credit(data_dir) -> Path:
+    return find_first(
         [d / "uci-credit" / "crx.data" for d in search_dirs(data_dir)]
         + [d / "crx.data" for d in search_dirs(data_dir)],
         "uci-credit",
         "Put the UCI file crx.data in DATA_DIR/uci-credit/.",
     )
+
+
+def _uci_credit(data_dir, preprocessing, seed, **_) -> Dataset:
+    """UCI Credit Approval as in the papers' code (docs/data.md): rows with '?' dropped,
+    categorical columns one-hot, class '-' = 0 and '+' = 1, a stratified 80/20 split with seed 1."""
+    path = _find_uci_credit(data_dir)
     rows = [r for r in read_uci_table(path) if "?" not in r]
     y = np.asarray([1 if r[15] == "+" else 0 for r in rows], dtype=np.int64)
     train, test = stratified_split(y, 0.2, seed=1)
@@ -202,7 +219,15 @@ def _uci_credit(data_dir, preprocessing, seed, **_) -> Dataset:
 
 
 HEART_CENTRES = ("cleveland", "hungarian", "switzerland", "va")
-HEART_TRAIN_SIZES = (199, 172, 30, 85)  # FLamby's per-centre training sizes (papers.md §2.5)
+HEART_TRAIN_SIZES = (199, 172, 30, 85)  # FLamby's per-centre training sizes (docs/data.md)
+
+
+def _find_uci_heart(data_dir) -> Path:
+    return find_first(
+        [d / "uci-heart" for d in search_dirs(data_dir)],
+        "uci-heart",
+        "Put processed.{cleveland,hungarian,switzerland,va}.data in DATA_DIR/uci-heart/.",
+    )
 
 
 def _uci_heart(data_dir, preprocessing, seed, **_) -> Dataset:
@@ -214,11 +239,7 @@ def _uci_heart(data_dir, preprocessing, seed, **_) -> Dataset:
     is pooled into the test set. Which rows are held out is drawn from ``seed``
     (FLamby's exact rows are not reproduced).
     """
-    folder = find_first(
-        [d / "uci-heart" for d in search_dirs(data_dir)],
-        "uci-heart",
-        "Put processed.{cleveland,hungarian,switzerland,va}.data in DATA_DIR/uci-heart/.",
-    )
+    folder = _find_uci_heart(data_dir)
     rng = np.random.default_rng(seed)
     rows, centre, is_train = [], [], []
     for k, (name, n_train) in enumerate(zip(HEART_CENTRES, HEART_TRAIN_SIZES)):
@@ -316,6 +337,30 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "synthetic-linear": _synthetic_regression,
     "synthetic-logistic": _synthetic_classification,
 }
+
+
+# The datasets generated for the run's number of clients (their natural clients are the generated ones).
+GENERATED = ("fedprox-synthetic", "synthetic-linear", "synthetic-logistic")
+
+# The datasets read from files, and how each finds its files (the others ship with a package or are generated).
+FILE_FINDERS = {
+    "fashion-mnist": _find_fashion_mnist,
+    "mnist": _find_mnist,
+    "cifar10": _find_cifar10,
+    "uci-credit": _find_uci_credit,
+    "uci-heart": _find_uci_heart,
+}
+
+
+def dataset_available(name: str, data_dir: str | Path | None = None) -> bool:
+    """Whether ``name``'s files can be found (``data_dir``, ``$FEDVB_DATA``, ...) without loading them."""
+    if name not in FILE_FINDERS:
+        return name in DATASETS
+    try:
+        FILE_FINDERS[name](data_dir)
+    except DataNotFoundError:
+        return False
+    return True
 
 
 def load_dataset(

@@ -41,7 +41,10 @@ def find_first(candidates: Iterable[Path], dataset: str, how_to_get: str) -> Pat
         if path.exists():
             return path
     looked = "\n  ".join(str(p) for p in candidates)
-    raise DataNotFoundError(f"{dataset}: no data found. Looked in:\n  {looked}\n{how_to_get}")
+    raise DataNotFoundError(
+        f"{dataset}: no data found. Looked in:\n  {looked}\n{how_to_get} "
+        f"Or point ${ENV_DATA} (or the data_dir key) at a folder that holds it."
+    )
 
 
 def cache_dir() -> Path:

@@ -11,13 +11,13 @@ dirichlet         per class, Dir(alpha) over clients (flwr)                     
 inner-dirichlet   given client sizes, each with a Dir(alpha) class mix (flwr)   alpha, sizes
 pathological      each client exactly k classes (flwr)                          classes_per_client
 shard             sorted shards, k per client (flwr)                            shards_per_client
-natural           the data's own clients (e.g. UCI heart centres) (flwr)        -
+natural           the data's own clients (e.g. UCI heart centres)               -
 size              given client sizes (flwr)                                     sizes
 papers-dirichlet  sizes ~ Dir(size_alpha) x class mix ~ Dir(class_alpha)        size_alpha, class_alpha, m.p.s.
 two-class         each client 2 classes x 300 points (papers' MNIST)            classes_per_client, points_per_class
 ================  ============================================================  ==========================
 
-The last two are the papers' own (research/papers.md §5 items 5-6) and are
+The last two are the papers' own (docs/data.md) and are
 not in flwr-datasets, so they are written here.
 """
 
@@ -30,8 +30,8 @@ import numpy as np
 __all__ = ["SCHEMES", "local_test_split", "partition_indices"]
 
 
-def _flwr_partition(partitioner, labels: np.ndarray, natural: np.ndarray | None, seed: int) -> list[np.ndarray]:
-    """Run a flwr-datasets partitioner over a table of (label, row index[, natural id]) only.
+def _flwr_partition(partitioner, labels: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Run a flwr-datasets partitioner over a table of (label, row index) only.
 
     The table is shuffled first: flwr's IidPartitioner takes contiguous shards
     and assumes shuffled input, which a class-sorted training set is not.
@@ -40,8 +40,6 @@ def _flwr_partition(partitioner, labels: np.ndarray, natural: np.ndarray | None,
 
     order = np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(len(labels))
     columns = {"label": labels[order].tolist(), "row": order.tolist()}
-    if natural is not None:
-        columns["client"] = natural[order].tolist()
     partitioner.dataset = ArrowDataset.from_dict(columns)
     return [
         np.sort(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64))
@@ -51,7 +49,7 @@ def _flwr_partition(partitioner, labels: np.ndarray, natural: np.ndarray | None,
 
 def _papers_dirichlet(labels, num_clients, rng, size_alpha=1.0, class_alpha=0.5, min_partition_size=2):
     """p ~ Dir(size_alpha) over clients, c_k ~ Dir(class_alpha) over classes; class j goes to
-    client k in proportion to p_k c_kj (papers.md §5 item 5).
+    client k in proportion to p_k c_kj (docs/data.md).
 
     Draws are repeated (up to 1000 times) until every client has at least
     ``min_partition_size`` rows; the reference code instead bumps counts of 1 to 2.
@@ -75,7 +73,7 @@ def _papers_dirichlet(labels, num_clients, rng, size_alpha=1.0, class_alpha=0.5,
 
 def _two_class(labels, num_clients, rng, classes_per_client=2, points_per_class=300):
     """Each client: first the least-used class so far, then random other classes used fewer than
-    the cap (= ceil(K * classes_per_client / C)); ``points_per_class`` rows of each (papers.md §5 item 6).
+    the cap (= ceil(K * classes_per_client / C)); ``points_per_class`` rows of each (docs/data.md).
 
     Rows of a class are dealt from a shuffled pool without replacement; only when a
     class has fewer rows than its uses need (e.g. MNIST's 5 for 100 clients) does the
@@ -141,33 +139,34 @@ def partition_indices(
     from flwr_datasets import partitioner as fp  # only the schemes that flwr-datasets provides need it
 
     if scheme == "iid":
-        return _flwr_partition(fp.IidPartitioner(num_clients), labels, None, seed)
+        return _flwr_partition(fp.IidPartitioner(num_clients), labels, seed)
     if scheme == "dirichlet":
         part = fp.DirichletPartitioner(
             num_clients, "label", options.get("alpha", 0.5), min_partition_size=options.get("min_partition_size", 10),
             seed=seed,
         )  # fmt: skip
-        return _flwr_partition(part, labels, None, seed)
+        return _flwr_partition(part, labels, seed)
     if scheme == "inner-dirichlet":
         sizes = options.get("sizes") or _even_sizes(len(labels), num_clients)
         part = fp.InnerDirichletPartitioner(sizes, "label", options.get("alpha", 0.5), seed=seed)
-        return _flwr_partition(part, labels, None, seed)
+        return _flwr_partition(part, labels, seed)
     if scheme == "pathological":
         k = options.get("classes_per_client", 2)
-        return _flwr_partition(fp.PathologicalPartitioner(num_clients, "label", k, seed=seed), labels, None, seed)
+        return _flwr_partition(fp.PathologicalPartitioner(num_clients, "label", k, seed=seed), labels, seed)
     if scheme == "shard":
         k = options.get("shards_per_client", 2)
-        return _flwr_partition(fp.ShardPartitioner(num_clients, "label", k, seed=seed), labels, None, seed)
+        return _flwr_partition(fp.ShardPartitioner(num_clients, "label", k, seed=seed), labels, seed)
     if scheme == "natural":
         if natural is None:
             raise ValueError("partition: scheme 'natural' needs a dataset with natural clients (e.g. uci-heart)")
         found = len(np.unique(natural))
         if found != num_clients:
             raise ValueError(f"num_clients: the data has {found} natural clients, got {num_clients}")
-        parts = _flwr_partition(fp.NaturalIdPartitioner("client"), labels, natural, seed)
-        return sorted(parts, key=lambda rows: int(natural[rows[0]]))  # client k = natural id k
+        # a group-by, written here: flwr's NaturalIdPartitioner gives the same rows after a round trip through
+        # Arrow and a progress bar on every call
+        return [np.flatnonzero(natural == k) for k in np.unique(natural)]  # client k = the k-th natural id
     sizes = options.get("sizes") or _even_sizes(len(labels), num_clients)  # scheme == "size"
-    return _flwr_partition(fp.SizePartitioner(sizes), labels, None, seed)
+    return _flwr_partition(fp.SizePartitioner(sizes), labels, seed)
 
 
 def _even_sizes(total: int, num_clients: int) -> list[int]:
