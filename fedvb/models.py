@@ -1,4 +1,4 @@
-"""The papers' models (research/papers.md §8), built by name.
+"""The papers' models (docs/data.md, models), built by name.
 
 ``build_model(name, input_shape, num_classes, **options)``:
 

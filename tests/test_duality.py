@@ -71,7 +71,7 @@ def test_rho_one_is_not_exact_in_one_round_but_converges(clients, exact):
 
 
 def test_server_started_away_from_the_prior_forgets_it_at_rate_one_minus_alpha(clients, exact):
-    # papers.md §3.2: with S_bar initialised at I instead of delta I, the prior
+    # docs/algorithms.md §3: with S_bar initialised at I instead of delta I, the prior
     # mismatch decays by (1 - alpha) = 1/2 per round.
     prior = Gaussian.isotropic_prior(DIM, DELTA, DENSE)
     start = Gaussian.isotropic_prior(DIM, 1.0, DENSE)
@@ -146,7 +146,7 @@ def test_bregman_admm_converges_towards_the_exact_posterior(clients, exact):
 
 
 def test_federated_admm_preset_is_textbook_admm(clients):
-    """Isotropic point estimates reproduce the federated ADMM of papers.md §7 iterate for iterate."""
+    """Isotropic point estimates reproduce the federated ADMM of docs/algorithms.md §6 iterate for iterate."""
     rho, damping, rounds = 0.3, 0.8, 8
     prior = Gaussian.isotropic_prior(DIM, DELTA, ISOTROPIC)
     ours = run_plain_loop(federated_admm(rho=rho, damping=damping), prior, clients, rounds=rounds)
@@ -167,7 +167,7 @@ def test_federated_admm_preset_is_textbook_admm(clients):
 
 
 def test_fedlap_preset_is_the_reference_fedlap(clients):
-    """FedLap as written in the reference code (papers.md §2.2), with its own dual scaling."""
+    """FedLap as written in the reference code (docs/algorithms.md §5), with its own dual scaling."""
     damping, rounds = 0.5, 6
     prior = Gaussian.isotropic_prior(DIM, DELTA, ISOTROPIC)
     ours = run_plain_loop(fedlap(damping=damping), prior, clients, rounds=rounds)

@@ -9,7 +9,7 @@ and ClientApp only move them, and the plain-loop driver calls the same methods.
 
 The BayesADMM family (FedLap, FedLap-Cov, IVON-ADMM, BayesADMM-Newton, PVI) is
 one class over a :class:`~fedvb.core.duality.Preset`; the baselines (FedAvg,
-FedProx, FedDyn, FedADMM, SCAFFOLD) follow their papers (research/papers.md §7)
+FedProx, FedDyn, FedADMM, SCAFFOLD) follow their papers (docs/algorithms.md §7)
 with squared proximal norms.  Losses are sums over a client's examples unless
 a docstring says "mean loss".
 """
@@ -116,7 +116,7 @@ def _weighted_mean(replies: dict[Any, Arrays], key: str) -> Tensor:
 
 
 class BayesADMM(Algorithm):
-    """The BayesADMM machinery for any preset (papers.md §3.1).
+    """The BayesADMM machinery for any preset (docs/algorithms.md §2).
 
     ``solver``: ``exact`` (closed form / Newton; linear or softmax models),
     ``laplace`` (MAP with Adam/SGD, then the diagonal GGN on the client's own
@@ -228,7 +228,7 @@ class BayesADMM(Algorithm):
 
 
 class FedLapFunc(BayesADMM):
-    """FedLap plus function-space information on unlabelled inputs (papers.md §2.4), K-prior style.
+    """FedLap plus function-space information on unlabelled inputs (docs/algorithms.md §5), K-prior style.
 
     The server holds unlabelled inputs ``U``. Each client trains as in FedLap and
     also returns its local model's predicted probabilities ``p_k(x)`` on ``U``.

@@ -1,6 +1,6 @@
 """The BayesADMM algebra: one site (dual) update, one server aggregation.
 
-Notation and signs follow ``research/papers.md`` §1 and §3.1.  Client ``k`` holds
+Notation and signs follow docs/algorithms.md §1 and §2.  Client ``k`` holds
 a site ``v_k = (v_k, V_k)`` in natural-parameter space (the ADMM dual), the
 server holds ``q_bar = N(m_bar, S_bar^-1)`` and the prior is ``p_0``.  One round:
 
@@ -63,7 +63,7 @@ DualSpace = Literal["natural", "expectation"]
 def site_update(
     site: NaturalParams, client: Gaussian, server: Gaussian, *, rho: float, damping: float
 ) -> NaturalParams:
-    """BayesADMM dual step in natural parameters (papers.md §3.1, step 2).
+    """BayesADMM dual step in natural parameters (docs/algorithms.md §2, step 2).
 
     ``v_k <- v_k + damping * rho * (lambda_k - lambda_bar)``; for Gaussians
     ``dv = damping rho (S_k m_k - S_bar m_bar)`` and ``dV = damping rho (S_k - S_bar)``.
@@ -74,7 +74,7 @@ def site_update(
 def bregman_site_update(
     site: NaturalParams, client: Gaussian, server: Gaussian, *, rho: float, damping: float
 ) -> NaturalParams:
-    """Bregman-ADMM dual step in expectation parameters (papers.md §3.1 (c)).
+    """Bregman-ADMM dual step in expectation parameters (docs/algorithms.md §6).
 
     ``v_k <- v_k + damping * rho * (mu_k - mu_bar)`` with ``mu = (m, -1/2 E[stat])``.
     The ``-1/2`` comes from the pairing ``<v, E T(theta)> = v^T m - 1/2 <V, E[stat]>``
@@ -86,7 +86,7 @@ def bregman_site_update(
 
 
 def default_alpha(num_clients: int, rho: float) -> float:
-    """``alpha = 1 / (1 + K rho)`` (papers.md §3.1, step 3)."""
+    """``alpha = 1 / (1 + K rho)`` (docs/algorithms.md §2, step 3)."""
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if rho <= 0:
@@ -116,7 +116,7 @@ def aggregate(
 
     ``precision_floor``: when given, every eigenvalue of the new precision is
     raised to at least this value (the documented guard against one coordinate's
-    precision collapsing, DESIGN.md "Numerics"); when ``None`` a non-positive
+    precision collapsing, docs/algorithms.md §9); when ``None`` a non-positive
     result raises :class:`~fedvb.core.gaussian.NonPositivePrecisionError`.
     """
     if not 0.0 < alpha <= 1.0:
@@ -137,7 +137,7 @@ def aggregate(
 
 @dataclass(frozen=True)
 class Preset:
-    """One named member of the BayesADMM family (the table in DESIGN.md).
+    """One named member of the BayesADMM family (the table of docs/algorithms.md §2).
 
     ``alpha=None`` means ``1 / (1 + K rho)``.  ``point_estimate=True`` tells the
     local solver to keep the server's precision (no curvature), which keeps the
@@ -172,38 +172,38 @@ class Preset:
 
 
 def bayes_admm(family: Family, rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """General BayesADMM (papers.md §3.1) over any family."""
+    """General BayesADMM (docs/algorithms.md §2) over any family."""
     return Preset("bayes-admm", family, rho, damping, alpha)
 
 
 def bayes_admm_newton(rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """Full-covariance Newton-like BayesADMM (papers.md §3.2); exact in one round on
+    """Full-covariance Newton-like BayesADMM (docs/algorithms.md §3); exact in one round on
     quadratics with ``rho = 1/K``, ``damping = 1`` and the server started at the prior."""
     return Preset("bayes-admm-newton", DENSE, rho, damping, alpha)
 
 
 def ivon_admm(rho: float, damping: float, alpha: float | None = None) -> Preset:
-    """Diagonal BayesADMM whose clients run IVON (papers.md §3.3)."""
+    """Diagonal BayesADMM whose clients run IVON (docs/algorithms.md §4)."""
     return Preset("ivon-admm", DIAGONAL, rho, damping, alpha)
 
 
 def pvi(family: Family, damping: float = 1.0) -> Preset:
-    """Partitioned VI: ``alpha = 1``, ``rho = 1`` (papers.md §3.1 (b), §6)."""
+    """Partitioned VI: ``alpha = 1``, ``rho = 1`` (docs/algorithms.md §6)."""
     return Preset("pvi", family, 1.0, damping, 1.0)
 
 
 def fedlap(damping: float) -> Preset:
-    """FedLap (papers.md §2.2): isotropic fixed precision, MAP clients, site-sum server."""
+    """FedLap (docs/algorithms.md §5): isotropic fixed precision, MAP clients, site-sum server."""
     return Preset("fedlap", ISOTROPIC, 1.0, damping, 1.0, point_estimate=True)
 
 
 def fedlap_cov(damping: float) -> Preset:
-    """FedLap-Cov (papers.md §2.3): diagonal Laplace clients, site-sum server."""
+    """FedLap-Cov (docs/algorithms.md §5): diagonal Laplace clients, site-sum server."""
     return Preset("fedlap-cov", DIAGONAL, 1.0, damping, 1.0)
 
 
 def federated_admm(rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """Federated ADMM (papers.md §3.1 (a), §7): isotropic point estimates.
+    """Federated ADMM (docs/algorithms.md §6, §7): isotropic point estimates.
 
     With server and prior precision ``delta`` this is textbook ADMM with penalty
     ``rho_admm = rho * delta``, duals ``y_k = v_k`` and the server

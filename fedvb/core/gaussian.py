@@ -2,7 +2,7 @@
 
 A Gaussian ``q = N(m, S^-1)`` is stored by its mean ``m`` (shape ``(P,)``) and its
 precision ``S``.  Its natural parameters, in the convention of
-``research/papers.md`` §1, are ``lambda = (S m, S)``: the log density is
+docs/algorithms.md §1, are ``lambda = (S m, S)``: the log density is
 ``eta^T theta - 1/2 theta^T S theta + const`` with ``eta = S m`` (the ``-1/2`` is
 dropped from the stored quadratic part).
 

@@ -1,6 +1,6 @@
 """IVON: Improved Variational Online Newton (Shen et al., ICML 2024), with a Gaussian prior and ADMM duals.
 
-Written from the paper's update (``research/ivon.md`` §2) rather than wrapping
+Written from the paper's update (docs/ivon.md) rather than wrapping
 the GPL-3 ``ivon-opt`` package, because a federated client needs what that
 package lacks: a per-parameter prior ``N(m0, diag(S0)^-1)`` with any mean,
 dual terms, a step counter that survives ``state_dict``, parameters without
@@ -12,10 +12,10 @@ Objective over ``q = N(m, diag(lam (h + delta))^-1)`` with ``lam = ess / tempera
 
 ``lbar`` is the mean loss of a minibatch (what PyTorch returns).  Per example,
 the prior precision is ``delta = S0 / lam`` and the duals are ``d_m = v / lam``,
-``d_p = V / lam`` (sign convention of papers.md §1: the site is
+``d_p = V / lam`` (sign convention of docs/algorithms.md §1: the site is
 ``exp(v^T theta - 1/2 theta^T V theta)``; ``V`` may be negative).
 
-One step, after ``S >= 1`` contexts ``sampled_params(train=True)`` (papers.md §3.3)::
+One step, after ``S >= 1`` contexts ``sampled_params(train=True)`` (docs/algorithms.md §4)::
 
     eps_s = z_s / sqrt(lam (h + delta)),  theta_s = m + eps_s,  g_s = grad lbar(theta_s)
     g_hat = mean_s g_s,  h_hat = mean_s g_s * eps_s * lam (h + delta)     (Price's theorem)

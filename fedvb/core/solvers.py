@@ -1,10 +1,10 @@
 """Exact local solvers for the client step of BayesADMM.
 
-Client ``k`` solves (papers.md §3.1, step 1, under the Laplace / delta approximation)::
+Client ``k`` solves (docs/algorithms.md §3, under the Laplace / delta approximation)::
 
     m_k = argmin_theta  l_k(theta) / tau + v^T theta - 1/2 theta^T V theta
                         + rho/2 (theta - m_bar)^T S_bar (theta - m_bar)
-    S_k = S_bar + (project(grad^2 l_k(m_k)) / tau - V) / rho            (papers.md §3.2)
+    S_k = S_bar + (project(grad^2 l_k(m_k)) / tau - V) / rho            (docs/algorithms.md §3)
 
 ``project`` maps the Hessian into the posterior's family (dense: itself;
 diagonal: its diagonal; isotropic: ``tr / P``).  For a quadratic loss this is
