@@ -1,6 +1,8 @@
 """IVON's native CPU kernels (``ivon_native.c``): built with the system C compiler on first use, called by ctypes.
 
-The shared library is cached per source, compiler and flags in
+The shared library is cached per source, compiler, flags and CPU (its architecture, model and
+instruction-set flags: the build uses ``-march=native``, so a library built on one CPU must never be
+loaded on another that lacks its instructions, as in a cache shared over a mixed cluster) in
 ``$FEDVB_CACHE/native`` (default ``~/.cache/fedvb/native``) and written under
 a temporary name then renamed, so parallel workers may build it at once.
 Without a C compiler (or with ``FEDVB_IVON_KERNEL=torch``) :func:`load` gives
@@ -14,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -78,6 +81,20 @@ class NativeKernels:
         self._update(*pointers, n, beta1, beta2, lam, c, lr, clip, int(raw_noise), int(s0_full))
 
 
+def cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine, the CPU model and its instruction-set flags."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "flags", "Features", "CPU implementer", "CPU part") and key not in fields:
+                fields[key] = " ".join(sorted(value.split())) if key in ("flags", "Features") else value.strip()
+    except OSError:  # not Linux: the processor string is the best we have
+        fields["processor"] = platform.processor()
+    return platform.machine() + "|" + "|".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("FEDVB_CACHE", Path.home() / ".cache" / "fedvb")) / "native"
 
@@ -92,7 +109,8 @@ def load() -> NativeKernels | None:
         log.warning("IVON: no C compiler found; using the torch kernels (slower on a CPU)")
         return None
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + compiler.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), cpu_signature().encode()])
+    tag = hashlib.sha256(key).hexdigest()[:16]
     target = _cache_dir() / f"ivon_native-{tag}.so"
     try:
         if not target.exists():

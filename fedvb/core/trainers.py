@@ -52,6 +52,8 @@ class TorchTrainer:
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, task: str, settings: LocalSettings, device=None):
         self.device = torch.device(device or "cpu")
         self.model = model.to(self.device)
+        # the model's dtype (float64 for a user's float64 data, else float32) is the dtype of local training
+        self.dtype = next(model.parameters()).dtype
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.task = task
         self.settings = settings
@@ -66,7 +68,7 @@ class TorchTrainer:
 
     def set_flat(self, theta: Tensor) -> None:
         with torch.no_grad():
-            vector_to_parameters(theta.to(self.device, torch.get_default_dtype()), self._params())
+            vector_to_parameters(theta.to(self.device, self.dtype), self._params())
 
     def get_flat(self) -> Tensor:
         return parameters_to_vector(self._params()).detach().clone()
@@ -109,8 +111,8 @@ class TorchTrainer:
         opt = (torch.optim.Adam if kind == "adam" else torch.optim.SGD)(params, lr=self.settings.lr)
         scale = temperature / self.num_examples
         if penalty is not None:
-            quadratic = penalty.quadratic.to(self.device, torch.get_default_dtype())
-            linear = penalty.linear.to(self.device, torch.get_default_dtype())
+            quadratic = penalty.quadratic.to(self.device, self.dtype)
+            linear = penalty.linear.to(self.device, self.dtype)
         self.model.train()
         for xb, yb in self._batches(generator):
             opt.zero_grad()
@@ -166,7 +168,7 @@ class TorchTrainer:
         state: dict[str, Tensor] | None,
         first_round: bool = False,
     ) -> tuple[Gaussian, dict[str, Tensor]]:
-        """The BayesADMM client step by IVON (papers.md §3.3): ``ess = N / rho``, the server as the
+        """The BayesADMM client step by IVON (docs/algorithms.md §4): ``ess = N / rho``, the server as the
         prior and the start, the site divided by ``rho`` as duals. ``state`` carries IVON's momentum
         and step counter across rounds (they are not reset, as in the reference code)."""
         if server.family not in (DIAGONAL, ISOTROPIC):
@@ -182,12 +184,12 @@ class TorchTrainer:
             beta2=s.ivon_beta2, generator=generator, kernel=s.ivon_kernel,
         )  # fmt: skip
         precision = server.precision.expand(server.dim) if server.family is ISOTROPIC else server.precision
-        device_dtype = dict(device=self.device, dtype=torch.get_default_dtype())
+        device_dtype = dict(device=self.device, dtype=self.dtype)
         opt.set_prior(server.mean.to(**device_dtype), precision.to(**device_dtype))
         quadratic = site.quadratic.expand(server.dim) if server.family is ISOTROPIC else site.quadratic
         opt.set_dual(site.linear.to(**device_dtype) / rho, quadratic.to(**device_dtype) / rho)
         opt.warm_start(Gaussian(server.mean.to(**device_dtype), precision.to(**device_dtype), DIAGONAL))
-        if first_round:  # papers.md §3.3: round 1 starts from h0, later rounds from the server (h = 0)
+        if first_round:  # docs/algorithms.md §4: round 1 starts from h0, later rounds from the server (h = 0)
             opt.reset_hessian(s.ivon_hess_init)
         if state:
             opt.restore_momentum(state["ivon_momentum"].to(self.device), int(state["ivon_step"].item()))
