@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
@@ -56,6 +56,8 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._counter = 0
         self._busy: dict[int, tuple[threading.Thread, list[str]]] = {}  # node -> its late message's worker
+        # receives {"event": "clients", "done": d, "of": n} after each client of a send_and_receive
+        self.on_progress: Callable[[dict], None] | None = None
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -85,10 +87,15 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
         if timeout is None:
-            return self.pull_messages(self.push_messages(messages))
+            replies = []
+            for done, message in enumerate(messages, 1):
+                replies.extend(self.pull_messages(self.push_messages([message])))
+                self._report_progress(done, len(messages))
+            return replies
         replies = []
-        for message in messages:
+        for done, message in enumerate(messages, 1):
             node = message.metadata.dst_node_id
             if node in self._busy:
                 late, ids = self._busy.pop(node)
@@ -105,7 +112,12 @@ class InProcessGrid(Grid):
             else:
                 self._busy[node] = (worker, result)
                 log.warning("client on node %s gave no reply within %.1f s", node, timeout)
+            self._report_progress(done, len(messages))
         return replies
+
+    def _report_progress(self, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress({"event": "clients", "done": done, "of": total})
 
     def _execute(self, message: Message) -> Message:
         context = self.contexts[message.metadata.dst_node_id]
@@ -125,16 +137,18 @@ def act_as_server(grid: InProcessGrid) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
-def run(config: RunConfig, *, resume: bool = False, report=None) -> None:
-    """Run ``config`` on its backend and write the run folder ``config.out`` (continue it when ``resume``);
-    ``report`` receives each round's metrics row (see :func:`fedvb.servers.app.run_server`)."""
+def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, report=None) -> None:
+    """Run ``config`` on its backend and write the run folder ``config.out`` (continue it when ``resume``;
+    replace a run already there when ``overwrite``); ``report`` receives each round's metrics row and the
+    progress within rounds (see :func:`fedvb.servers.app.run_server`)."""
     from fedvb.clients.app import make_client_app
     from fedvb.servers.app import make_server_app, run_server
 
     if config.backend == "inprocess":
         grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed)
+        grid.on_progress = report
         act_as_server(grid)
-        run_server(grid, config, resume=resume, report=report)
+        run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
         return
     from flwr.simulation import run_simulation
 
@@ -144,7 +158,7 @@ def run(config: RunConfig, *, resume: bool = False, report=None) -> None:
         "init_args": init_args,
     }
     run_simulation(
-        server_app=make_server_app(config, resume=resume, report=report),
+        server_app=make_server_app(config, resume=resume, overwrite=overwrite, report=report),
         client_app=make_client_app(),
         num_supernodes=config.num_clients,
         backend_config=backend_config,

@@ -23,6 +23,7 @@ CURVE_METRICS = (
 )
 
 Rows = Sequence[Mapping[str, Any]]
+SPARSE_BIN = 10  # reliability bins with fewer examples are drawn hollow
 
 
 def _pyplot():
@@ -56,13 +57,14 @@ def _series(rows: Rows, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["round"] for r in kept]), np.array([r[key] for r in kept], dtype=float)
 
 
-def plot_curves(rows: Rows, path: str | Path, *, title: str = "") -> Path:
-    """One panel per metric against rounds; the posterior mean solid, the predictive dashed."""
+def plot_curves(rows: Rows, path: str | Path, *, title: str = "", model: str = "posterior mean") -> Path:
+    """One panel per metric against rounds; the server model (``model``: how to call it) solid, the
+    predictive dashed."""
     plt = _pyplot()
     panels = _panels(set().union(*(r.keys() for r in rows)) if rows else set())
     fig, axes = _grid(plt, max(1, len(panels)))
     for ax, (key, name) in zip(axes, panels):
-        ax.plot(*_series(rows, key), marker="o", ms=3, label="posterior mean")
+        ax.plot(*_series(rows, key), marker="o", ms=3, label=model)
         if any(f"predictive_{key}" in r for r in rows):
             ax.plot(*_series(rows, f"predictive_{key}"), "--", marker="s", ms=3, label="predictive")
             ax.legend(fontsize=8)
@@ -87,7 +89,13 @@ def plot_reliability(tables: Mapping[str, Mapping[str, np.ndarray]], path: str |
     width = 1.0 / len(next(iter(tables.values()))["count"])
     for offset, (name, table) in enumerate(tables.items()):
         filled = table["count"] > 0
-        top.plot(table["confidence"][filled], table["accuracy"][filled], marker="o", label=name)
+        colour = f"C{offset}"
+        top.plot(table["confidence"][filled], table["accuracy"][filled], color=colour, label=name)
+        # a bin's accuracy is only as good as its count: full markers from SPARSE_BIN examples on, hollow below
+        for sparse, face in ((table["count"] < SPARSE_BIN, "none"), (table["count"] >= SPARSE_BIN, colour)):
+            shown = filled & sparse
+            top.scatter(table["confidence"][shown], table["accuracy"][shown], s=28, facecolors=face,
+                        edgecolors=colour, zorder=3)  # fmt: skip
         centres = (np.arange(len(table["count"])) + 0.5) * width
         share = table["count"] / table["count"].sum()
         bar_width = width / len(tables)
@@ -98,6 +106,8 @@ def plot_reliability(tables: Mapping[str, Mapping[str, np.ndarray]], path: str |
     top.legend(fontsize=8, loc="lower right")
     top.grid(alpha=0.3)
     top.set_title(title or "reliability diagram")
+    top.text(0.02, 0.97, f"hollow: bins of fewer than {SPARSE_BIN} examples", transform=top.transAxes, fontsize=7,
+             va="top", color="grey")  # fmt: skip
     bottom.set_xlabel("confidence (top class probability)")
     bottom.set_ylabel("share")
     fig.tight_layout()
@@ -107,8 +117,9 @@ def plot_reliability(tables: Mapping[str, Mapping[str, np.ndarray]], path: str |
 
 
 def plot_comparison(groups: Mapping[str, Sequence[Rows]], path: str | Path) -> Path:
-    """Several settings overlaid: per setting the mean over its runs (seeds) and a +-1 std band; the
-    predictive variant of a metric, where a setting has one, dashed in the same colour."""
+    """Several settings overlaid, one panel per metric titled by the metric: per setting the mean over its
+    runs (seeds) and a +-1 std band; the predictive variant of a metric, where a setting has one, dashed in
+    the same colour. One legend for the figure, below the panels, so that no curve is hidden."""
     plt = _pyplot()
     keys = set()
     for runs in groups.values():
@@ -117,7 +128,8 @@ def plot_comparison(groups: Mapping[str, Sequence[Rows]], path: str | Path) -> P
                 keys.update(row)
     panels = _panels(keys)
     fig, axes = _grid(plt, max(1, len(panels)))
-    for ax, (key, name) in zip(axes, panels):
+    legend: dict[str, Any] = {}
+    for ax, (key, title) in zip(axes, panels):
         for colour, (label, runs) in enumerate(groups.items()):
             for variant, style in ((key, "-"), (f"predictive_{key}", "--")):
                 series = [_series(rows, variant) for rows in runs if any(variant in r for r in rows)]
@@ -127,15 +139,18 @@ def plot_comparison(groups: Mapping[str, Sequence[Rows]], path: str | Path) -> P
                 rounds = series[0][0][:length]
                 values = np.stack([v[:length] for _, v in series])
                 mean, std = values.mean(0), values.std(0)
-                name = f"{label} (n={len(series)})" if style == "-" else f"{label} predictive"
-                ax.plot(rounds, mean, style, color=f"C{colour}", marker="o", ms=3, label=name)
+                entry = f"{label} (n={len(series)})" if style == "-" else f"{label}, predictive"
+                (line,) = ax.plot(rounds, mean, style, color=f"C{colour}", marker="o", ms=3)
+                legend.setdefault(entry, line)
                 if len(series) > 1:
                     ax.fill_between(rounds, mean - std, mean + std, color=f"C{colour}", alpha=0.15)
-        ax.set_title(name)
+        ax.set_title(title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if legend:  # under the figure: the saved picture's tight bounding box takes it in
+        fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(3, len(legend)), fontsize=9, frameon=False)  # fmt: skip
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

@@ -11,8 +11,9 @@ another fails.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ from fedvb.config import RunConfig
 __all__ = ["grid_configs", "run_grid"]
 
 log = logging.getLogger(__name__)
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def _with_rounds(report: Reporter, rounds: int, event: dict[str, Any]) -> None:
+    report({**event, "rounds": rounds} if "round" in event else event)
 
 
 def grid_configs(base: RunConfig, strategies: Sequence[str], seeds: Sequence[int], out: str | Path) -> list[RunConfig]:
@@ -41,29 +48,41 @@ def grid_configs(base: RunConfig, strategies: Sequence[str], seeds: Sequence[int
     ]
 
 
-def _run_one(values: dict[str, Any]) -> str:
+def _run_one(values: dict[str, Any], overwrite: bool = False, report: Reporter | None = None) -> str:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one thread per run: runs, not threads, fill the cores
     from fedvb.backends import run
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
 
     config = RunConfig.from_mapping(values)
-    run(config)
+    run(config, overwrite=overwrite, report=report)
     return config.out
 
 
-def run_grid(configs: Sequence[RunConfig], *, parallel: str = "inprocess", ray_address: str = "") -> list[str]:
+def run_grid(
+    configs: Sequence[RunConfig],
+    *,
+    parallel: str = "inprocess",
+    ray_address: str = "",
+    overwrite: bool = False,
+    report: Reporter | None = None,
+) -> list[str]:
     """Run every configuration (one after another, or as Ray tasks); return the folders of the runs that
-    finished. A run that raises is logged and left out."""
+    finished. A run that raises is logged and left out. ``report`` gets ``run-started`` and ``run-done``
+    events and, in process, the current run's rows (with ``rounds``) and progress within its rounds."""
+    report = report or (lambda event: None)
     if parallel == "inprocess":
         done = []
         for config in configs:
+            report({"event": "run-started", "name": f"{config.strategy} seed {config.seed}"})
             try:
-                done.append(_run_one(config.as_dict()))
+                rows = functools.partial(_with_rounds, report, config.rounds)
+                done.append(_run_one(config.as_dict(), overwrite, rows))
             except Exception as error:  # one broken run must not lose the others
                 log.error("run %s failed: %s", config.out, error)
+            report({"event": "run-done", "name": config.out})
         return done
     import ray
 
@@ -72,7 +91,7 @@ def run_grid(configs: Sequence[RunConfig], *, parallel: str = "inprocess", ray_a
         ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(_run_one)
-        pending = {remote.remote(c.as_dict()): c.out for c in configs}
+        pending = {remote.remote(c.as_dict(), overwrite): c.out for c in configs}
         done = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -81,6 +100,7 @@ def run_grid(configs: Sequence[RunConfig], *, parallel: str = "inprocess", ray_a
                 done.append(ray.get(ready[0]))
             except Exception as error:
                 log.error("run %s failed: %s", out, error)
+            report({"event": "run-done", "name": out})
         return sorted(done, key=[c.out for c in configs].index)
     finally:
         if started_here:

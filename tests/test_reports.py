@@ -55,7 +55,7 @@ def test_compare_pools_seeds_into_mean_and_sample_std(tmp_path, capsys):
     assert float(table["fedavg"]["accuracy_std"]) == pytest.approx(np.std(accuracies, ddof=1), abs=1e-12)
     assert table["ivon-admm"]["predictive_nll_mean"] != "" and table["fedavg"]["predictive_nll_mean"] == ""
     markdown = (tmp_path / "cmp" / "compare.md").read_text()
-    assert markdown.startswith("| setting | runs |") and "| fedavg | 3 |" in markdown
+    assert markdown.startswith("| setting | n |") and "| fedavg | 3 |" in markdown
     assert markdown in capsys.readouterr().out
     assert_picture(tmp_path / "cmp" / "compare.png")
 
