@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedvb.config import ConfigError, RunConfig, describe_fields
-from fedvb.progress import MODES, RunDisplay
+from fedvb.progress import MODES, RunDisplay, SweepDisplay
 
 __all__ = ["main"]
 
@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind in FLAGS.items():
         run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=f"sets {name}")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="any key")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out (else an error)")
+    run.add_argument(
+        "--log", choices=("tensorboard",), default=None, help="also log each round's metrics as TensorBoard events"
+    )
     run.add_argument(
         "--output",
         choices=MODES,
@@ -67,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="one table (markdown, CSV) and overlaid curves for several runs")
     compare.add_argument("runs", nargs="+", metavar="DIR", help="run folders; runs differing only in seed are pooled")
     compare.add_argument("--out", default="runs/compare", help="where compare.md/.csv/.png go (runs/compare)")
+    compare.add_argument(
+        "--baseline", default="", help="the setting (or strategy) the others are compared with (default: the first)"
+    )
 
     sweep = commands.add_parser(
         "sweep",
@@ -88,11 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ray-address", default="", help="Ray cluster to submit the runs to (default: a local one)")
     sweep.add_argument("--out", default="runs/sweep", help="sweep folder (runs/sweep)")
     sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="any key")
+    sweep.add_argument("--overwrite", action="store_true", help="replace runs already in the sweep folder")
+    sweep.add_argument("--output", choices=("bar", "quiet"), default="bar", help="bar: runs done and the current "
+                       "run's round on stderr; quiet: only the table and the final line")  # fmt: skip
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     values = {name: getattr(args, name) for name in FLAGS if getattr(args, name, None) is not None}
+    if getattr(args, "log", None):
+        values["log"] = args.log
     for item in args.sets:
         if "=" not in item:
             raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
@@ -108,9 +120,15 @@ def _config(args: argparse.Namespace) -> RunConfig:
     folder = Path(args.resume)
     if args.config or set(overrides) - {"rounds"}:
         raise ConfigError("resume", "continues DIR/config.toml as it is; only --rounds may change")
+    if args.overwrite:
+        raise ConfigError("resume", "continues the run in DIR; --overwrite would replace it")
     if not (folder / "config.toml").is_file() or not (folder / "checkpoint.pt").is_file():
         raise ConfigError("resume", f"{folder} holds no config.toml and checkpoint.pt to resume from")
-    return RunConfig.from_sources(folder / "config.toml", {**overrides, "out": str(folder)})
+    config = RunConfig.from_sources(folder / "config.toml", {**overrides, "out": str(folder)})
+    done = _checkpoint_round(config)
+    if config.rounds < done:
+        raise ConfigError("rounds", f"{folder} has done {done} rounds; --rounds must be >= {done}, got {config.rounds}")
+    return config
 
 
 def _check_runnable(config: RunConfig) -> None:
@@ -133,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fedvb.servers.runfolder import check_out_folder
+
     try:
         config = _config(args)
+        if not args.resume:
+            check_out_folder(config.out, overwrite=args.overwrite)
         _check_runnable(config)
     except (ValueError, FileNotFoundError) as error:  # ConfigError, data and partition errors name their field
         return _fail(error)
@@ -145,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     first_round = _checkpoint_round(config) + 1 if args.resume else 1
     display = RunDisplay(args.output, config.rounds, first_round)
-    run(config, resume=bool(args.resume), report=display)
+    run(config, resume=bool(args.resume), overwrite=args.overwrite, report=display)
     summary = json.loads((Path(config.out) / "summary.json").read_text())
     seconds = time.perf_counter() - started
     if summary.get("status") == "stopped":
@@ -160,7 +182,7 @@ def _compare(args: argparse.Namespace) -> int:
     from fedvb.compare import compare_runs
 
     try:
-        table = compare_runs(args.runs, args.out)
+        table = compare_runs(args.runs, args.out, baseline=args.baseline)
     except ValueError as error:
         return _fail(error)
     print(table, end="")
@@ -171,6 +193,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from fedvb.compare import compare_runs
     from fedvb.config import STRATEGIES
+    from fedvb.servers.runfolder import check_out_folder
     from fedvb.sweep import grid_configs, run_grid
 
     try:
@@ -187,11 +210,16 @@ def _sweep(args: argparse.Namespace) -> int:
         base = RunConfig.from_sources(args.config, _overrides(args))
         configs = grid_configs(base, strategies, seeds, args.out)
         for config in configs:
+            check_out_folder(config.out, overwrite=args.overwrite)
             _check_runnable(config)
     except (ValueError, FileNotFoundError) as error:
         return _fail(error)
     started = time.perf_counter()
-    done = run_grid(configs, parallel=args.parallel, ray_address=args.ray_address)
+    display = SweepDisplay(args.output, len(configs))
+    done = run_grid(
+        configs, parallel=args.parallel, ray_address=args.ray_address, overwrite=args.overwrite, report=display
+    )
+    display.finish()
     if done:
         print(compare_runs(done, args.out), end="")
     seconds = time.perf_counter() - started
@@ -203,7 +231,11 @@ def _checkpoint_round(config: RunConfig) -> int:
     """The round a resumed run starts after (memory-mapped: the tensors are not read here)."""
     import torch
 
-    return int(torch.load(Path(config.out) / "checkpoint.pt", weights_only=True, mmap=True)["round"])
+    path = Path(config.out) / "checkpoint.pt"
+    try:  # weights_only: a checkpoint is tensors and plain containers, never code to run
+        return int(torch.load(path, weights_only=True, mmap=True)["round"])
+    except Exception as error:  # a truncated, corrupt or foreign file: bad input, not a crash
+        raise ConfigError("resume", f"{path} is not a readable fedvb checkpoint ({type(error).__name__})") from None
 
 
 if __name__ == "__main__":

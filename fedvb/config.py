@@ -25,6 +25,18 @@ OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("", "exact", "laplace", "ivon")
 FAMILIES = ("", "isotropic", "diagonal", "dense")
 IVON_KERNELS = ("auto", "torch", "native")
+LOGGERS = ("", "tensorboard")
+# the client solver of each BayesADMM preset when the solver key is left empty
+DEFAULT_SOLVER = {
+    "fedlap": "laplace",
+    "fedlap-cov": "laplace",
+    "fedlap-func": "laplace",
+    "ivon-admm": "ivon",
+    "bayes-admm-newton": "exact",
+    "pvi": "laplace",
+}
+BAYES_ADMM = tuple(DEFAULT_SOLVER)
+PROVENANCE = "provenance"  # the table of a saved config.toml that records what produced the run
 
 
 class ConfigError(ValueError):
@@ -58,11 +70,21 @@ class RunConfig:
     data_fraction: float = field(
         default=1.0, metadata=_meta("fraction of the training set used (papers: 0.1)", gt=0, max=1)
     )
-    partition: str = field(default="papers-dirichlet", metadata=_meta("split over clients (fedvb.data.SCHEMES)"))
-    partition_alpha: float = field(default=0.5, metadata=_meta("Dirichlet concentration of 'dirichlet'", gt=0))
+    partition: str = field(
+        default="auto",
+        metadata=_meta("split over clients: auto = the data's own clients where it has them, else papers-dirichlet; "
+                       "or one of fedvb.data.SCHEMES"),
+    )  # fmt: skip
+    partition_alpha: float = field(
+        default=0.0,
+        metadata=_meta("Dirichlet concentration of dirichlet, inner-dirichlet and papers-dirichlet (its class mix); "
+                       "0: the scheme's default, 0.5", ge=0),
+    )  # fmt: skip
     local_test_fraction: float = field(
-        default=0.2, metadata=_meta("share of each client's rows kept as its local test split", ge=0, lt=1)
-    )
+        default=-1.0,
+        metadata=_meta("share of each client's rows kept as its local test split; -1: 0.2 for named datasets, "
+                       "0 for --data (your own data is trained in full)", ge=-1, lt=1),
+    )  # fmt: skip
     fraction_train: float = field(default=1.0, metadata=_meta("fraction of clients per round", gt=0, max=1))
     prior_precision: float = field(default=1.0, metadata=_meta("delta: prior N(0, 1/delta I)", gt=0))
     rho: float = field(default=1.0, metadata=_meta("KL weight / ADMM penalty of BayesADMM presets", gt=0))
@@ -107,6 +129,9 @@ class RunConfig:
         default=1, metadata=_meta("retries of a round short of min_replies before the run stops", min=0)
     )
     faults: str = field(default="", metadata=_meta("fault injection, e.g. 'raise=0.1,nan=0.1' (fedvb.faults)"))
+    log: str = field(
+        default="", metadata=_meta("extra metrics log: tensorboard (event files in OUT/tensorboard)", choices=LOGGERS)
+    )
     target_accuracy: float = field(
         default=0.0, metadata=_meta("summary reports the first round reaching it; 0: none", ge=0, max=1)
     )
@@ -119,9 +144,15 @@ class RunConfig:
         if toml_path is not None:
             try:
                 with open(toml_path, "rb") as handle:
-                    values.update(_flatten(tomllib.load(handle)))
+                    table = tomllib.load(handle)
+                provenance = table.pop(PROVENANCE, None)
+                values.update(_flatten(table))
+                if provenance is not None:
+                    values[PROVENANCE] = provenance
             except FileNotFoundError:
                 raise ConfigError("config", f"file not found: {toml_path}") from None
+            except IsADirectoryError:
+                raise ConfigError("config", f"{toml_path} is a directory, not a TOML file") from None
             except tomllib.TOMLDecodeError as error:
                 raise ConfigError("config", f"{toml_path} is not valid TOML ({error})") from None
         values.update(overrides or {})
@@ -132,6 +163,8 @@ class RunConfig:
         known = {f.name: f for f in fields(cls)}
         kwargs = {}
         for key, raw in values.items():
+            if key == PROVENANCE:  # what produced a saved run (config.toml), not configuration
+                continue
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(key, f"unknown key; allowed: {', '.join(known)}")
@@ -164,8 +197,12 @@ class RunConfig:
             raise ConfigError("model", f"--data needs --model linear or logreg, got {self.model!r}")
         if self.model and not self.data and self.model not in MODELS:
             raise ConfigError("model", f"got {self.model!r}; allowed: {', '.join(MODELS)}")
-        if self.partition not in SCHEMES:
-            raise ConfigError("partition", f"got {self.partition!r}; allowed: {', '.join(SCHEMES)}")
+        if self.partition not in ("auto", *SCHEMES):
+            raise ConfigError("partition", f"got {self.partition!r}; allowed: auto, {', '.join(SCHEMES)}")
+        if -1 < self.local_test_fraction < 0:
+            raise ConfigError(
+                "local_test_fraction", f"must be -1 (automatic) or in [0, 1), got {self.local_test_fraction}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ConfigError("activation", f"got {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
         try:
@@ -185,6 +222,11 @@ class RunConfig:
             raise ConfigError(
                 "min_replies", f"must be <= the {participants} clients sampled per round, got {self.min_replies}"
             )
+        if self.log == "tensorboard":
+            from fedvb.servers.tensorboard import tensorboard_missing
+
+            if tensorboard_missing():
+                raise ConfigError("log", tensorboard_missing())
         self._validate_faults()
 
     def _validate_faults(self) -> None:
@@ -203,16 +245,25 @@ class RunConfig:
 
     # -- derived -----------------------------------------------------------------------
     @property
+    def local_test_share(self) -> float:
+        """The share of each client's rows held out as its local test split (resolving -1)."""
+        if self.local_test_fraction >= 0:
+            return self.local_test_fraction
+        return 0.0 if self.data else 0.2
+
+    @property
     def hidden_sizes(self) -> list[int]:
         return [int(s) for s in self.hidden.split(",") if s.strip()]
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_toml(self) -> str:
+    def to_toml(self, provenance: dict[str, str] | None = None) -> str:
+        """The configuration as TOML; ``provenance`` (versions, commit) goes in a ``[provenance]`` table,
+        which :meth:`from_sources` skips."""
         import tomli_w
 
-        return tomli_w.dumps(self.as_dict())
+        return tomli_w.dumps({**self.as_dict(), **({PROVENANCE: provenance} if provenance else {})})
 
     def replace(self, **changes) -> RunConfig:
         new = dataclasses.replace(self, **changes)
@@ -247,6 +298,37 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError):
         raise ConfigError(name, f"expected {kind.__name__}, got {raw!r}") from None
+
+
+# Keys that only some strategies read (every other key applies to every strategy). ``fedvb compare`` names a
+# setting by the keys that differ *and* apply to it.
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "prior_precision": BAYES_ADMM, "damping": BAYES_ADMM, "temperature": BAYES_ADMM, "solver": BAYES_ADMM,
+    "precision_floor": BAYES_ADMM, "rho": ("ivon-admm", "bayes-admm-newton"),
+    "alpha": ("ivon-admm", "bayes-admm-newton"),
+    "family": ("pvi",), "proximal_mu": ("fedprox",), "feddyn_alpha": ("feddyn",), "admm_rho": ("fedadmm",),
+    "server_lr": ("fedadmm", "scaffold"), "func_inputs": ("fedlap-func",), "func_weight": ("fedlap-func",),
+    "func_steps": ("fedlap-func",), "func_lr": ("fedlap-func",),
+    "eval_samples": ("fedlap-cov", "ivon-admm", "bayes-admm-newton", "pvi"),
+}  # fmt: skip
+IVON_KEYS = ("ivon_hess_init", "ivon_beta2", "ivon_mc_samples", "ivon_kernel")  # with the ivon solver
+LOCAL_TRAINING_KEYS = ("local_epochs", "lr", "batch_size")  # all but the exact solver
+MAP_KEYS = ("optimizer",)  # baselines and the laplace solver
+
+
+def applies(key: str, config: dict[str, Any]) -> bool:
+    """Whether ``key`` changes what the run of ``config`` (a configuration as a mapping) computes."""
+    strategy = config.get("strategy", "")
+    solver = (config.get("solver") or DEFAULT_SOLVER.get(strategy, "")) if strategy in BAYES_ADMM else "map"
+    if key in STRATEGY_KEYS:
+        return strategy in STRATEGY_KEYS[key]
+    if key in IVON_KEYS:
+        return solver == "ivon"
+    if key in LOCAL_TRAINING_KEYS:
+        return solver != "exact"
+    if key in MAP_KEYS:
+        return solver in ("map", "laplace")
+    return True
 
 
 def describe_fields() -> str:

@@ -12,17 +12,18 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedvb.config import ConfigError, RunConfig
+from fedvb.config import DEFAULT_SOLVER, ConfigError, RunConfig
 from fedvb.core.algorithms import Algorithm, BayesADMM, FedADMM, FedAvg, FedDyn, FedLapFunc, FedProx, Scaffold
 from fedvb.core.duality import Preset
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, family_by_name
 from fedvb.core.trainers import LocalSettings, TorchTrainer
-from fedvb.data import Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
+from fedvb.data import GENERATED, Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
 from fedvb.metrics import score
 from fedvb.models import build_model
 
@@ -38,15 +39,6 @@ __all__ = [
     "resolve_device",
     "test_predictions",
 ]
-
-DEFAULT_SOLVER = {
-    "fedlap": "laplace",
-    "fedlap-cov": "laplace",
-    "fedlap-func": "laplace",
-    "ivon-admm": "ivon",
-    "bayes-admm-newton": "exact",
-    "pvi": "laplace",
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +58,12 @@ def _key(config: RunConfig) -> str:
             "partition_alpha", "hidden", "activation", "data_fraction", "local_test_fraction")  # fmt: skip
     values = {k: getattr(config, k) for k in keys}
     values["func_inputs"] = config.func_inputs if config.strategy == "fedlap-func" else 0
+    if config.data:  # the file's identity too: a rewritten file must not be served from the cache
+        try:
+            stat = Path(config.data).stat()
+            values["data_file"] = [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            pass  # reading it will say what is wrong
     return json.dumps(values, sort_keys=True)
 
 
@@ -73,18 +71,26 @@ def prepare(config: RunConfig) -> Prepared:
     return _prepare_cached(_key(config))
 
 
-@functools.lru_cache(maxsize=4)
-def _prepare_cached(key: str) -> Prepared:
+def _from_key(key: str) -> tuple[RunConfig, int]:
+    """The configuration a :func:`_key` stands for, and fedlap-func's held-out input count."""
     values = json.loads(key)
     held_out = values.pop("func_inputs")
-    config = RunConfig.from_mapping(values)
+    values.pop("data_file", None)
+    return RunConfig.from_mapping(values), held_out
+
+
+@functools.lru_cache(maxsize=4)
+def _prepare_cached(key: str) -> Prepared:
+    config, held_out = _from_key(key)
     if config.data:
         dataset = _load_npz(config)
         model_name = "linear" if config.model == "linear" else "softmax"
     else:
+        generated = {"num_clients": config.num_clients} if config.dataset in GENERATED else {}
         dataset = load_dataset(
-            config.dataset, data_dir=config.data_dir or None, preprocessing=config.preprocessing, seed=config.seed
-        )
+            config.dataset, data_dir=config.data_dir or None, preprocessing=config.preprocessing, seed=config.seed,
+            **generated,
+        )  # fmt: skip
         model_name = config.model or ("mlp" if len(dataset.input_shape) == 3 else "softmax")
     if config.data_fraction < 1.0:
         dataset = _subsample(dataset, config.data_fraction, config.seed)
@@ -101,20 +107,34 @@ def _prepare_cached(key: str) -> Prepared:
         dataset = dataclasses.replace(
             dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep], natural_clients=natural
         )
-    if dataset.natural_clients is not None and config.partition in ("natural", "papers-dirichlet"):
-        scheme = "natural"
-    else:
-        scheme = config.partition
-    options = {"alpha": config.partition_alpha} if scheme == "dirichlet" else {}
+    scheme = config.partition
+    if scheme == "auto":
+        scheme = "natural" if dataset.natural_clients is not None else "papers-dirichlet"
+    options = _partition_options(scheme, config.partition_alpha)
     labels = dataset.y_train if dataset.task == "classification" else np.zeros(len(dataset.y_train), dtype=np.int64)
     parts = partition_indices(
         labels, scheme, config.num_clients, seed=config.seed, natural=dataset.natural_clients, **options
     )
-    splits = [local_test_split(rows, config.local_test_fraction, config.seed, k) for k, rows in enumerate(parts)]
+    splits = [local_test_split(rows, config.local_test_share, config.seed, k) for k, rows in enumerate(parts)]
     empty = [k for k, (train, _) in enumerate(splits) if len(train) == 0]
     if empty:
         raise ConfigError("num_clients", f"clients {empty} get no data under partition {scheme!r}; use fewer clients")
     return Prepared(dataset, [t for t, _ in splits], model_name, unlabelled, [t for _, t in splits])
+
+
+# The schemes with a Dirichlet concentration, and the option of partition_indices that takes partition_alpha.
+ALPHA_OPTION = {"dirichlet": "alpha", "inner-dirichlet": "alpha", "papers-dirichlet": "class_alpha"}
+
+
+def _partition_options(scheme: str, alpha: float) -> dict:
+    if alpha == 0:
+        return {}
+    if scheme not in ALPHA_OPTION:
+        raise ConfigError(
+            "partition_alpha", f"partition {scheme!r} has no Dirichlet concentration; it applies to "
+            f"{', '.join(ALPHA_OPTION)} (leave it 0 otherwise)",
+        )  # fmt: skip
+    return {ALPHA_OPTION[scheme]: alpha}
 
 
 def _subsample(dataset: Dataset, fraction: float, seed: int) -> Dataset:
@@ -159,14 +179,17 @@ def _load_npz(config: RunConfig) -> Dataset:
         if len(y_test) and (not np.issubdtype(y_test.dtype, np.integer) or y_test.min() < 0 or y_test.max() >= classes):
             raise ConfigError("data", f"y_test must hold integer classes in 0..{classes - 1} (the classes of y)")
         y, y_test = y.astype(np.int64), y_test.astype(np.int64)
-    else:
-        y, y_test = y.astype(np.float32), y_test.astype(np.float32)
+    # float64 data stays float64 (the model is then built in float64, and the exact solvers stay exact to
+    # float64 precision); anything else becomes float32
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    if config.model != "logreg":
+        y, y_test = y.astype(dtype), y_test.astype(dtype)
     ids = np.unique(client)
     remap = {c: k for k, c in enumerate(ids)}
     natural = np.asarray([remap[c] for c in client])
     if len(ids) != config.num_clients:
         raise ConfigError("num_clients", f"{config.data} has {len(ids)} clients in 'client', got {config.num_clients}")
-    return Dataset("npz", x.astype(np.float32), y, x_test.astype(np.float32), y_test, classes, natural_clients=natural)
+    return Dataset("npz", x.astype(dtype), y, x_test.astype(dtype), y_test, classes, natural_clients=natural)
 
 
 def resolve_device(config: RunConfig) -> torch.device:
@@ -177,9 +200,11 @@ def resolve_device(config: RunConfig) -> torch.device:
 
 
 def build_run_model(config: RunConfig, prepared: Prepared) -> torch.nn.Module:
+    """The run's model, in the training data's dtype (float64 only for a user's float64 data)."""
     dataset = prepared.dataset
     options = {"hidden": config.hidden_sizes, "activation": config.activation} if prepared.model_name == "mlp" else {}
-    return build_model(prepared.model_name, dataset.input_shape, dataset.num_classes, **options)
+    model = build_model(prepared.model_name, dataset.input_shape, dataset.num_classes, **options)
+    return model.to(torch.as_tensor(dataset.x_train[:0]).dtype)
 
 
 def initial_mean(config: RunConfig) -> Tensor:
@@ -268,11 +293,11 @@ def test_predictions(config: RunConfig, mean: Tensor, posterior: Gaussian | None
         return {}
     trainer = _eval_trainer(_key(config), config.device)
     x = torch.as_tensor(dataset.x_test)
-    outputs = {"y": torch.as_tensor(dataset.y_test), "mean": trainer.predict(mean.float(), x).cpu()}
+    outputs = {"y": torch.as_tensor(dataset.y_test), "mean": trainer.predict(mean, x).cpu()}
     if posterior is not None and config.eval_samples > 0 and (posterior.family is not DENSE or posterior.dim <= 4096):
         generator = torch.Generator().manual_seed(config.seed + 12345)
         draws = posterior.sample(config.eval_samples, generator)
-        outputs["predictive"] = sum(trainer.predict(theta.float(), x).cpu() for theta in draws) / config.eval_samples
+        outputs["predictive"] = sum(trainer.predict(theta, x).cpu() for theta in draws) / config.eval_samples
     return outputs
 
 
@@ -296,7 +321,7 @@ def evaluate(
         # the server model on each client's local test split: how evenly it serves the clients
         trainer = _eval_trainer(_key(config), config.device)
         rows = np.concatenate(prepared.local_tests)
-        correct = (trainer.predict(mean.float(), torch.as_tensor(dataset.x_train[rows])).cpu().argmax(1)
+        correct = (trainer.predict(mean, torch.as_tensor(dataset.x_train[rows])).cpu().argmax(1)
                    == torch.as_tensor(dataset.y_train[rows])).float().numpy()  # fmt: skip
         bounds = np.cumsum([0] + [len(t) for t in prepared.local_tests])
         per_client = np.array([correct[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
@@ -320,9 +345,7 @@ def write_label_distribution(config: RunConfig, path) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _eval_trainer(key: str, device: str) -> TorchTrainer:
-    values = json.loads(key)
-    values.pop("func_inputs")
-    config = RunConfig.from_mapping({**values, "device": device})
+    config = _from_key(key)[0].replace(device=device)
     prepared = prepare(config)
     empty = torch.zeros(0)
     return TorchTrainer(build_run_model(config, prepared), empty, empty, prepared.dataset.task, LocalSettings(),

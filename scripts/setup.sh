@@ -22,4 +22,5 @@ python="${PYTHON:-python3}"
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${FEDVB_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e '.[dev]'
+# dev: the test tools; tensorboard: --log tensorboard; ray-jobs: Ray's dashboard and job submission
+.venv/bin/python -m pip install -q -e '.[dev,tensorboard,ray-jobs]'

@@ -2,6 +2,7 @@
 
 import json
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 from fedvb.cli import main
 from fedvb.config import RunConfig
 from fedvb.experiment import resolve_device
+from tests.marks import needs_data
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "synthetic-logistic", "--model", "softmax", "--num-clients", "5", "--rounds", "2"]
 
 
@@ -47,6 +50,10 @@ BAD_INPUTS = [
     (["--set", "fraction_train=0"], "fraction_train: must be > 0, got 0.0"),
     (["--set", "data_fraction=1.5"], "data_fraction: must be <= 1, got 1.5"),
     (["--set", "local_test_fraction=1"], "local_test_fraction: must be < 1, got 1.0"),
+    (["--set", "local_test_fraction=-0.5"], "local_test_fraction: must be -1 (automatic) or in [0, 1)"),
+    (["--set", "partition=iid", "--set", "partition_alpha=0.3"], "partition_alpha: partition 'iid' has no Dirichlet"),
+    (["--set", "partition_alpha=-1"], "partition_alpha: must be >= 0"),
+    (["--set", "log=csv"], "log: got 'csv'; allowed:"),
     (["--set", "eval_samples=-3"], "eval_samples: must be >= 0, got -3"),
     (["--set", "colour=red"], "colour: unknown key; allowed: strategy"),
     (["--set", "novalue"], "--set: expected KEY=VALUE, got 'novalue'"),
@@ -54,14 +61,14 @@ BAD_INPUTS = [
     (["--set", "device=tpu"], "device: got 'tpu'; allowed: cpu, cuda, cuda:N, auto"),
     (["--dataset", "emnist"], "dataset: got 'emnist'; allowed: fashion-mnist"),
     (["--model", "vgg"], "model: got 'vgg'; allowed: softmax"),
-    (["--set", "partition=random"], "partition: got 'random'; allowed: iid"),
+    (["--set", "partition=random"], "partition: got 'random'; allowed: auto, iid"),
     (["--set", "hidden=200,x"], "hidden: comma-separated positive integers"),
     (["--set", "activation=swish"], "activation: got 'swish'; allowed:"),
     (["--dataset", "uci-heart", "--num-clients", "7"], "num_clients: the data has 4 natural clients, got 7"),
     (
-        ["--dataset", "synthetic-logistic", "--model", "softmax", "--set", "partition=iid", "--num-clients", "300"],
-        "num_clients: 300 clients for 160 training rows",
-    ),
+        ["--dataset", "digits", "--set", "partition=iid", "--num-clients", "2000"],
+        "num_clients: 2000 clients for 1438 training rows",
+    ),  # fmt: skip
     (["--strategy", "bayes-admm-newton", "--set", "solver=ivon"], "solver: bayes-admm-newton (dense family)"),
     (["--strategy", "fedlap-func", "--dataset", "synthetic-linear", "--num-clients", "4"], "func_inputs: must be <"),
     (["--set", "min_replies=11"], "min_replies: must be <= the 10 clients sampled per round, got 11"),
@@ -88,7 +95,13 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUTS)
+NEEDS_DATA = {"uci-heart": needs_data("uci-heart")}  # the cases on a dataset read from files
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [pytest.param(a, m, marks=[NEEDS_DATA[d] for d in NEEDS_DATA if d in a]) for a, m in BAD_INPUTS],
+)
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     paths = {name: str(tmp_path / f"{name}.npz") for name in NPZ}
     for name, arrays in NPZ.items():
@@ -131,3 +144,50 @@ def test_device_choice_lives_in_one_place():
     assert resolve_device(RunConfig(device="cpu")) == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(RunConfig(device="auto")).type == expected
+
+
+def out_cases(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    return [
+        ("", "out: is empty"),
+        (str(tmp_path / "a-file"), f"out: {tmp_path / 'a-file'} is a file, not a folder"),
+        (str(tmp_path / "a-file" / "run"), f"out: {tmp_path / 'a-file'} is a file, so"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_an_unusable_out_folder_exits_2_before_anything_runs(case, tmp_path, capsys):
+    out, message = out_cases(tmp_path)[case]
+    assert main(["run", *SMALL, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "checkpoint", [b"", b"not a checkpoint", b"PK\x03\x04truncated"], ids=["empty", "garbage", "truncated-zip"]
+)
+def test_a_broken_checkpoint_is_refused_with_one_line(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.toml").write_text(RunConfig(dataset="synthetic-logistic", out=str(folder)).to_toml())
+    (folder / "checkpoint.pt").write_bytes(checkpoint)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["run", "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "resume: " in err and "is not a readable fedvb checkpoint" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_config_path_that_is_a_folder_is_refused(tmp_path, capsys):
+    assert main(["run", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert f"config: {tmp_path} is a directory, not a TOML file" in capsys.readouterr().err
+
+
+def test_flwr_run_config_lists_every_key_with_its_default():
+    """Flower accepts in --run-config only the keys of [tool.flwr.app.config]: all of fedvb's, as defaults."""
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().as_dict()
+    assert set(app_config) == set(defaults)
+    assert {k: v for k, v in app_config.items() if k != "out"} == {k: v for k, v in defaults.items() if k != "out"}
+    assert app_config["out"] == "runs/flwr/{run_id}"

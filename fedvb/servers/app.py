@@ -31,18 +31,22 @@ from fedvb.strategies.base import RoundFailed
 __all__ = ["app", "make_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
+FLOWER_LOG = logging.getLogger("flwr")  # Flower's logger: what `flwr run --stream` shows of a ServerApp
 
 Reporter = Callable[[dict[str, Any]], None]
 
 
-def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: Reporter | None = None) -> RunFolder:
+def run_server(
+    grid: Grid, config: RunConfig, *, resume: bool = False, overwrite: bool = False, report: Reporter | None = None
+) -> RunFolder:
     """Run rounds up to ``config.rounds`` on ``grid`` (from the checkpoint's next round when ``resume``) and
-    write the run folder. ``report`` gets every metrics row as it is logged (progress displays)."""
+    write the run folder (replacing a run there only when ``overwrite``). ``report`` gets every metrics row
+    as it is logged, and ``{"event": "clients", ...}`` progress within a round (progress displays)."""
     import torch
 
     torch.set_num_threads(1)
     strategy = make_strategy(config)
-    folder = RunFolder(config, resume=resume)
+    folder = RunFolder(config, resume=resume, overwrite=overwrite)
     first_round, elapsed_before = 1, 0.0
     if folder.resumed is not None:
         strategy.load_state_dict(folder.resumed["strategy"])
@@ -76,17 +80,18 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, report: R
     folder.finish(strategy.mean(), strategy.posterior(), totals)
     if outputs is None and folder.rows:  # resumed after the last round: nothing evaluated in this process
         outputs = test_predictions(config, strategy.mean(), _sampled_posterior(strategy))
-    _write_pictures(config, folder, outputs)
+    _write_pictures(config, folder, outputs, posterior=strategy.algorithm.uncertainty)
     return folder
 
 
-def _write_pictures(config: RunConfig, folder: RunFolder, outputs: dict | None) -> None:
+def _write_pictures(config: RunConfig, folder: RunFolder, outputs: dict | None, *, posterior: bool) -> None:
     """curves.png (metrics against rounds) and, for classifiers, reliability.png of the last round's model
     (``outputs``: its :func:`~fedvb.experiment.test_predictions`)."""
     title = f"{config.strategy}: {config.dataset if not config.data else Path(config.data).name}"
-    folder.write_picture("curves.png", lambda path: plot_curves(folder.rows, path, title=title))
+    model = "posterior mean" if posterior else "server model"  # a point estimate has no posterior
+    folder.write_picture("curves.png", lambda path: plot_curves(folder.rows, path, title=title, model=model))
     if outputs and outputs["mean"].ndim == 2:
-        names = {"mean": "posterior mean", "predictive": "predictive"}
+        names = {"mean": model, "predictive": "predictive"}
         tables = {names[k]: calibration_bins(outputs[k], outputs["y"]) for k in names if k in outputs}
         folder.write_picture("reliability.png", lambda path: plot_reliability(tables, path, title=title))
 
@@ -120,15 +125,44 @@ def _rounds_to_target(rows: list[dict[str, Any]], target: float) -> dict[str, An
     return {"target_accuracy": target, "rounds_to_target": reached}
 
 
+class RunStopped(RuntimeError):
+    """A run that stopped before its last round (too few usable replies): Flower then reports it as failed."""
+
+
+def log_round(row: dict[str, Any]) -> None:
+    """One log line per round (what ``flwr run --stream`` shows)."""
+    if "round" not in row:
+        return  # progress within a round
+    shown = [f"{k}={row[k]:.4f}" for k in ("accuracy", "nll", "ece", "mse") if k in row]
+    rejected = f"  rejected={len(row['rejected'])}" if row.get("rejected") else ""
+    FLOWER_LOG.info("fedvb round %d: %s%s  (%.1f s)", row["round"], "  ".join(shown), rejected, row["wall_time_s"])
+
+
 def make_server_app(
-    config: RunConfig | None = None, *, resume: bool = False, report: Reporter | None = None
+    config: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    report: Reporter | None = None,
 ) -> ServerApp:
-    """A ServerApp for ``config``; without one it reads the run configuration (``flwr run``)."""
+    """A ServerApp for ``config``; without one it reads the run configuration (``flwr run``), where ``{run_id}``
+    in ``out`` becomes Flower's run id (the app's default ``runs/flwr/{run_id}``: one folder per run), every
+    round is logged, and a stopped run raises :class:`RunStopped` so that Flower reports it failed."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config or RunConfig.from_mapping(dict(context.run_config)), resume=resume, report=report)
+        if config is not None:
+            run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
+            return
+        values = dict(context.run_config)
+        values["out"] = str(values.get("out", "runs/flwr/{run_id}")).replace("{run_id}", str(context.run_id))
+        folder = run_server(grid, RunConfig.from_mapping(values), report=log_round)
+        summary = folder.summary
+        if summary.get("status") != "completed":
+            reason = summary.get("reason")
+            raise RunStopped(f"fedvb run stopped: {reason} (resume with: fedvb run --resume {folder.path})")
+        FLOWER_LOG.info("fedvb: run finished -> %s", folder.path)
 
     return app
 

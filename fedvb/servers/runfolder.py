@@ -1,5 +1,5 @@
-"""The self-describing run folder: config.toml, metrics.jsonl, checkpoint.pt, summary.json, posterior.npz
-and the pictures labels.png, curves.png, reliability.png.
+"""The self-describing run folder: config.toml, metrics.jsonl (and metrics.csv), checkpoint.pt, summary.json,
+posterior.npz and the pictures labels.png, curves.png, reliability.png.
 
 Every file is written whole to a temporary name, flushed to disk and renamed,
 so a crash never leaves a half-written file.  After each round the checkpoint
@@ -7,13 +7,16 @@ so a crash never leaves a half-written file.  After each round the checkpoint
 written before the row is appended to metrics.jsonl; on resume metrics.jsonl
 is rewritten from the checkpoint, so the two always agree.  No random state
 needs saving: every random stream is derived from (seed, round, client).
+A folder that already holds a run is replaced only when asked (``overwrite``).
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,32 @@ import torch
 from fedvb.config import ConfigError, RunConfig
 from fedvb.core.gaussian import Gaussian
 
-__all__ = ["CHECKPOINT", "RunFolder"]
+__all__ = ["CHECKPOINT", "RUN_FILES", "RunFolder", "check_out_folder"]
 
 CHECKPOINT = "checkpoint.pt"
+# everything a run writes into its folder (an earlier run's are removed when a run replaces it)
+RUN_FILES = ("config.toml", "metrics.jsonl", "metrics.csv", CHECKPOINT, "summary.json", "posterior.npz",
+             "labels.png", "curves.png", "reliability.png")  # fmt: skip
+TENSORBOARD = "tensorboard"
+
+
+def check_out_folder(out: str | Path, *, overwrite: bool = False) -> None:
+    """``out`` can take a new run: not an empty path, not a file, not inside a file, writable, and holding no
+    earlier run unless ``overwrite``. Raises :class:`ConfigError` naming ``out``; writes nothing."""
+    if not str(out).strip():
+        raise ConfigError("out", "is empty; give a folder for the run (default runs/latest)")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("out", f"{path} is a file, not a folder")
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError("out", f"{existing} is a file, so {path} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("out", f"{existing} is not writable")
+    held = [name for name in RUN_FILES if (path / name).exists()]
+    if held and not overwrite:
+        raise ConfigError("out", f"{path} already holds a run ({', '.join(held[:3])}); pass --overwrite to replace "
+                                 "it, --resume to continue it, or choose another --out")  # fmt: skip
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -41,21 +67,33 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class RunFolder:
     """A run's folder. ``resume=True`` reopens one that holds a checkpoint (see :meth:`load_checkpoint`)."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False) -> None:
+    def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> None:
         self.path = Path(config.out)
         self.metrics_path = self.path / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         self.resumed: dict[str, Any] | None = None  # the checkpoint a resumed run continues from
+        self.summary: dict[str, Any] = {}  # summary.json, once written
         if resume:  # the checkpoint's rows are the truth: a crash may have come before a row's append
             self.resumed = self.load_checkpoint()
             self.rows = self.resumed["rows"]
             _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         else:
+            check_out_folder(self.path, overwrite=overwrite)
             self.path.mkdir(parents=True, exist_ok=True)
-            for stale in (CHECKPOINT, "summary.json", "posterior.npz"):  # from an earlier run in this folder
+            for stale in RUN_FILES:  # from the earlier run this one replaces
                 (self.path / stale).unlink(missing_ok=True)
+            shutil.rmtree(self.path / TENSORBOARD, ignore_errors=True)
             _atomic_write(self.metrics_path, b"")
-        _atomic_write(self.path / "config.toml", config.to_toml().encode())  # resume may extend the rounds
+        self._write_csv()
+        from fedvb.provenance import provenance
+
+        # resume may extend the rounds, and records the versions that continued the run
+        _atomic_write(self.path / "config.toml", config.to_toml(provenance()).encode())
+        self._tensorboard = None
+        if config.log == "tensorboard":
+            from fedvb.servers.tensorboard import TensorBoardLog
+
+            self._tensorboard = TensorBoardLog(self.path / TENSORBOARD)
 
     def write_picture(self, name: str, draw: Callable[[Path], Any]) -> None:
         """``draw(path)`` writes a PNG (or nothing) to a temporary name, renamed to ``name`` when complete."""
@@ -80,11 +118,25 @@ class RunFolder:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self._write_csv()
+        if self._tensorboard is not None:
+            self._tensorboard.write(row)
+
+    def _write_csv(self) -> None:
+        """metrics.csv: the rows of metrics.jsonl as a table (``rejected`` as the number of rejected replies)."""
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(columns)
+        for row in self.rows:
+            writer.writerow([len(v) if isinstance(v := row.get(c, ""), list) else v for c in columns])
+        _atomic_write(self.path / "metrics.csv", buffer.getvalue().encode())
 
     def finish(self, mean: torch.Tensor, posterior: Gaussian | None, totals: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json (the last row plus ``totals``) and posterior.npz; return the summary."""
         summary = {**(self.rows[-1] if self.rows else {}), **totals}
         summary.pop("rejected", None)
+        self.summary = summary
         _atomic_write(self.path / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         arrays = {"mean": mean.detach().cpu().numpy()}
         if posterior is not None:
@@ -93,4 +145,6 @@ class RunFolder:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         _atomic_write(self.path / "posterior.npz", buffer.getvalue())
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         return summary

@@ -63,7 +63,9 @@ class PartitionAddressing:
             self.node_of[int(reply.content["info"]["partition-id"])] = reply.metadata.src_node_id
         if sorted(self.node_of) != list(range(self.config.num_clients)):
             raise RuntimeError(
-                f"expected partitions 0..{self.config.num_clients - 1}, nodes report {sorted(self.node_of)}"
+                f"num_clients = {self.config.num_clients}, but the federation's {len(node_ids)} nodes hold "
+                f"partitions {sorted(self.node_of)}; under `flwr run` give --federation-config "
+                f"num-supernodes={self.config.num_clients} (or set num_clients to the number of SuperNodes)"
             )
 
     def messages(self, grid: Grid, server_round: int, config: ConfigRecord) -> dict[int, Message]:
