@@ -122,8 +122,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError("resume", "continues DIR/config.toml as it is; only --rounds may change")
     if args.overwrite:
         raise ConfigError("resume", "continues the run in DIR; --overwrite would replace it")
-    if not (folder / "config.toml").is_file() or not (folder / "checkpoint.pt").is_file():
-        raise ConfigError("resume", f"{folder} holds no config.toml and checkpoint.pt to resume from")
+    if not (folder / "config.toml").is_file():
+        raise ConfigError("resume", f"{folder} holds no config.toml to resume from")
     config = RunConfig.from_sources(folder / "config.toml", {**overrides, "out": str(folder)})
     done = _checkpoint_round(config)
     if config.rounds < done:
@@ -151,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedvb.servers.runfolder import check_out_folder
+    from fedvb.servers.runfolder import check_not_locked, check_out_folder
 
     try:
         config = _config(args)
-        if not args.resume:
+        if args.resume:
+            check_not_locked(config.out)
+        else:
             check_out_folder(config.out, overwrite=args.overwrite)
         _check_runnable(config)
     except (ValueError, FileNotFoundError) as error:  # ConfigError, data and partition errors name their field
@@ -167,7 +169,15 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     first_round = _checkpoint_round(config) + 1 if args.resume else 1
     display = RunDisplay(args.output, config.rounds, first_round)
-    run(config, resume=bool(args.resume), overwrite=args.overwrite, report=display)
+    try:
+        run(config, resume=bool(args.resume), overwrite=args.overwrite, report=display)
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint holds the last finished round
+        display.stop()
+        print(f"fedvb: interrupted; continue with: fedvb run --resume {config.out}", file=sys.stderr)
+        return 130
+    except ConfigError as error:  # the folder was taken between validation and the start
+        display.stop()
+        return _fail(error)
     summary = json.loads((Path(config.out) / "summary.json").read_text())
     seconds = time.perf_counter() - started
     if summary.get("status") == "stopped":
@@ -228,14 +238,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_round(config: RunConfig) -> int:
-    """The round a resumed run starts after (memory-mapped: the tensors are not read here)."""
-    import torch
+    """The round a resumed run starts after: 0 for a run killed before its first checkpoint (it starts
+    again); the checkpoint is checked to be fedvb's and this configuration's (memory-mapped, not read whole)."""
+    from fedvb.servers.runfolder import CHECKPOINT, fingerprint, read_checkpoint
 
-    path = Path(config.out) / "checkpoint.pt"
-    try:  # weights_only: a checkpoint is tensors and plain containers, never code to run
-        return int(torch.load(path, weights_only=True, mmap=True)["round"])
-    except Exception as error:  # a truncated, corrupt or foreign file: bad input, not a crash
-        raise ConfigError("resume", f"{path} is not a readable fedvb checkpoint ({type(error).__name__})") from None
+    path = Path(config.out) / CHECKPOINT
+    return int(read_checkpoint(path, fingerprint(config))["round"]) if path.exists() else 0
 
 
 if __name__ == "__main__":

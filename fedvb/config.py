@@ -128,7 +128,15 @@ class RunConfig:
     round_retries: int = field(
         default=1, metadata=_meta("retries of a round short of min_replies before the run stops", min=0)
     )
+    robust_clip: float = field(
+        default=0.0,
+        metadata=_meta("bound on one reply's change, in multiples of the cohort's median change (scaled up for "
+                       "clients with more examples; fedvb.core.robust); 0: no bound", ge=0),
+    )  # fmt: skip
     faults: str = field(default="", metadata=_meta("fault injection, e.g. 'raise=0.1,nan=0.1' (fedvb.faults)"))
+    attack: str = field(
+        default="", metadata=_meta("crafted replies from chosen clients: 'huge@0', 'takeover@0:once' (fedvb.faults)")
+    )
     log: str = field(
         default="", metadata=_meta("extra metrics log: tensorboard (event files in OUT/tensorboard)", choices=LOGGERS)
     )
@@ -230,12 +238,18 @@ class RunConfig:
         self._validate_faults()
 
     def _validate_faults(self) -> None:
-        from fedvb.faults import parse_faults
+        from fedvb.faults import parse_attack, parse_faults
 
         try:
             faults = parse_faults(self.faults)
         except ValueError as error:
             raise ConfigError("faults", str(error)) from None
+        try:
+            _, attackers, _ = parse_attack(self.attack)
+        except ValueError as error:
+            raise ConfigError("attack", str(error)) from None
+        if attackers and max(attackers) >= self.num_clients:
+            raise ConfigError("attack", f"clients must be < num_clients ({self.num_clients}), got {self.attack!r}")
         if faults.get("timeout") and self.client_timeout_s <= 0:
             raise ConfigError("faults", "timeout faults need client_timeout_s > 0")
         if faults.get("negative-precision") and self.strategy in BASELINES:

@@ -35,6 +35,7 @@ __all__ = [
     "initial_mean",
     "make_algorithm",
     "make_trainer",
+    "partition_sizes",
     "prepare",
     "resolve_device",
     "test_predictions",
@@ -217,6 +218,11 @@ def initial_mean(config: RunConfig) -> Tensor:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().double()
 
 
+def partition_sizes(config: RunConfig) -> dict[int, int]:
+    """How many training examples each client holds (what its replies must say)."""
+    return {k: len(rows) for k, rows in enumerate(prepare(config).parts)}
+
+
 def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
     prepared = prepare(config)
     rows = prepared.parts[partition_id]
@@ -238,6 +244,13 @@ def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
 
 
 def make_algorithm(config: RunConfig) -> Algorithm:
+    """The configuration's algorithm, its replies bounded by ``robust_clip`` (:mod:`fedvb.core.robust`)."""
+    algorithm = _algorithm(config)
+    algorithm.robust_clip = config.robust_clip
+    return algorithm
+
+
+def _algorithm(config: RunConfig) -> Algorithm:
     name = config.strategy
     if name == "fedavg":
         return FedAvg()

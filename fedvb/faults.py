@@ -5,17 +5,32 @@ e.g. ``"raise=0.1,nan=0.1"``: in every round (and every retry of a round) each
 sampled client independently suffers at most one fault, kind ``k`` with
 probability ``fraction_k``.  The draw depends only on (seed, round, attempt,
 client), so a run with faults is as reproducible as one without.
+
+The ``attack`` key makes chosen clients send crafted replies instead
+(``"huge@0"``: client 0 in every round; ``"takeover@0:once"``: in round 1
+only), to test and show what the server's screen and bounds hold
+(:mod:`fedvb.core.robust`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FAULT_KINDS", "before_training", "choose_fault", "corrupt_reply", "parse_faults"]
+__all__ = [
+    "ATTACKS",
+    "FAULT_KINDS",
+    "attack_reply",
+    "before_training",
+    "choose_fault",
+    "corrupt_reply",
+    "parse_attack",
+    "parse_faults",
+]
 
 FAULT_KINDS = {
     "raise": "the client raises before training",
@@ -87,3 +102,74 @@ def corrupt_reply(kind: str | None, reply: dict[str, Tensor]) -> dict[str, Tenso
         value = value.to(torch.float16)
     damaged[name] = value
     return damaged
+
+
+# -- crafted replies: one or more chosen clients attack, to test and show what the server's defences hold ------
+ATTACKS = {
+    "huge": "every tensor of the reply (the example count aside) set to 1e10, precisions to 1e30",
+    "takeover": "the mean set to a chosen vector (all 5.0) with a precision of 1e30, where there is one",
+    "sites": "site_linear set to 1e6 and site_quadratic to -1e3 (strategies that send sites)",
+    "examples": "num_examples set to 1e30 (all the weight of an example-weighted average)",
+    "sign-flip": "every tensor's change from the server's mirrored and tenfold (mean -> m - 10 (mean - m))",
+}
+
+
+def parse_attack(spec: str) -> tuple[str, tuple[int, ...], bool]:
+    """``"huge@0,3"`` (every round) or ``"huge@0:once"`` (round 1 only) -> (kind, clients, once); ValueError
+    naming what is wrong; ``""`` -> ("", (), False)."""
+    if not spec.strip():
+        return "", (), False
+    kind, _, rest = spec.strip().partition("@")
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}; allowed: {', '.join(ATTACKS)} (as KIND@CLIENTS[:once])")
+    clients, _, when = rest.partition(":")
+    try:
+        chosen = tuple(sorted({int(c) for c in clients.split(",") if c.strip()}))
+    except ValueError:
+        raise ValueError(f"expected KIND@CLIENTS[:once] with comma-separated client numbers, got {spec!r}") from None
+    if not chosen or min(chosen) < 0 or when not in ("", "once"):
+        raise ValueError(f"expected KIND@CLIENTS[:once] with client numbers >= 0, got {spec!r}")
+    return kind, chosen, when == "once"
+
+
+def attack_reply(
+    spec: str,
+    reply: dict[str, Tensor],
+    payload: dict[str, Tensor],
+    *,
+    server_round: int,
+    partition_id: int,
+    consistent: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda reply: reply,
+) -> dict[str, Tensor]:
+    """The reply as the attack ``spec`` crafts it, for the clients and rounds it names (else unchanged).
+    ``consistent`` recomputes what the server checks against the crafted tensors (a BayesADMM reply's site
+    from its posterior), so that the attack passes the screen and meets the server's bounds; the ``sites``
+    attack is sent as crafted."""
+    kind, clients, once = parse_attack(spec)
+    if not kind or partition_id not in clients or (once and server_round != 1):
+        return reply
+    crafted = dict(reply)
+    tensors = [k for k in reply if k != "num_examples"]
+    if kind == "huge":
+        for name in tensors:
+            crafted[name] = torch.full_like(reply[name], 1e30 if "precision" in name or "quadratic" in name else 1e10)
+    elif kind == "takeover":
+        for name in ("mean", "delta_mean", "delta"):
+            if name in reply:
+                crafted[name] = torch.full_like(reply[name], 5.0)
+        if "precision" in reply:
+            crafted["precision"] = torch.full_like(reply["precision"], 1e30)
+    elif kind == "sites":
+        for name, value in (("site_linear", 1e6), ("site_quadratic", -1e3), ("delta_control", 1e6)):
+            if name in reply:
+                crafted[name] = torch.full_like(reply[name], value)
+    elif kind == "examples":
+        crafted["num_examples"] = torch.tensor(1e30)
+    else:  # sign-flip
+        for name in tensors:
+            centre = payload.get(name)
+            if centre is not None and centre.shape == reply[name].shape and "precision" not in name:
+                crafted[name] = centre - 10.0 * (reply[name] - centre)
+            elif "precision" not in name and "quadratic" not in name:
+                crafted[name] = -10.0 * reply[name]
+    return crafted if kind == "sites" else consistent(crafted)

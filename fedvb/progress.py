@@ -95,9 +95,14 @@ class RunDisplay:
         if self._bar is not None:
             self._bar.update(completed, self._head(), [clients, *metric_pairs(self._last)])
 
-    def finish(self, summary: dict[str, Any], headline: str) -> None:
+    def stop(self) -> None:
+        """End the live line (an interrupted run)."""
         if self._bar is not None:
             self._bar.stop()
+            self._bar = None
+
+    def finish(self, summary: dict[str, Any], headline: str) -> None:
+        self.stop()
         if self.mode == "jsonl":
             print(json.dumps({"summary": summary}), flush=True)
             return

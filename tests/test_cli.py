@@ -191,3 +191,21 @@ def test_flwr_run_config_lists_every_key_with_its_default():
     assert set(app_config) == set(defaults)
     assert {k: v for k, v in app_config.items() if k != "out"} == {k: v for k, v in defaults.items() if k != "out"}
     assert app_config["out"] == "runs/flwr/{run_id}"
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--out", str(out), "--quiet"]) == 0
+    config = (out / "config.toml").read_text()
+    (out / "config.toml").write_text(config.replace('strategy = "ivon-admm"', 'strategy = "fedavg"'))
+    assert main(["run", "--resume", str(out), "--rounds", "3"]) == 2
+    assert "was written under another configuration" in capsys.readouterr().err
+
+
+def test_an_attack_spec_is_checked_at_the_door(capsys, tmp_path):
+    cases = (("melt@0", "attack: unknown attack 'melt'"), ("huge@9", "clients must be < num_clients"),
+             ("huge@x", "expected KIND@CLIENTS[:once]"), ("huge@0:twice", "expected KIND@CLIENTS"))  # fmt: skip
+    for spec, message in cases:
+        assert main(["run", *SMALL, "--set", f"attack={spec}", "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

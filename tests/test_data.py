@@ -1,6 +1,7 @@
 """Offline datasets: shapes, class counts and value ranges; readers of the standard formats; partitions."""
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from fedvb.data import (
     plot_label_distribution,
 )
 from fedvb.data import datasets as datasets_module
+from fedvb.data.pickle_data import UnsafePickleError, load_pickled_data
 from fedvb.data.readers import read_cifar10_python, read_idx
 from tests.marks import needs_data
 
@@ -71,19 +73,47 @@ def test_idx_reader_known_answer(tmp_path):
         read_idx(tmp_path / "bad")
 
 
-def test_cifar10_python_batches_reader(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_python_batches_reader(tmp_path, protocol):
     rng = np.random.default_rng(0)
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         images = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
         batches[name] = images
-        raw = {b"data": images.reshape(4, -1), b"labels": [0, 1, 2, 9]}
+        raw = {b"batch_label": b"batch", b"data": images.reshape(4, -1), b"labels": [0, 1, 2, 9],
+               b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}  # fmt: skip
         with open(tmp_path / name, "wb") as handle:
-            pickle.dump(raw, handle)
+            pickle.dump(raw, handle, protocol=protocol)
     arrays = read_cifar10_python(tmp_path)
     assert arrays["x_train"].shape == (20, 32, 32, 3)
     assert np.array_equal(arrays["x_test"][1], batches["test_batch"][1].transpose(1, 2, 0))
     assert arrays["y_train"].tolist() == [0, 1, 2, 9] * 5
+
+
+class RunsACommand:
+    """What an attacker pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_crafted_cifar10_batch_is_refused_without_running_anything(tmp_path, protocol):
+    marker = tmp_path / "ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump({b"data": RunsACommand(marker), b"labels": [0]}, handle, protocol=protocol)
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system|only data is read"):
+        read_cifar10_python(tmp_path)
+    assert not marker.exists()
+    with open(tmp_path / "test_batch", "wb") as handle:  # an object array smuggles pickled objects too
+        pickle.dump({b"data": np.array([RunsACommand(marker)], dtype=object), b"labels": [0]}, handle, protocol=2)
+    with pytest.raises(UnsafePickleError):
+        load_pickled_data(open(tmp_path / "test_batch", "rb"))
+    assert not marker.exists()
 
 
 @needs_data("cifar10")

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvb.experiment import client_generator, make_algorithm, make_trainer
-from fedvb.faults import before_training, choose_fault, corrupt_reply
+from fedvb.faults import attack_reply, before_training, choose_fault, corrupt_reply
 from fedvb.records import CONFIG_KEY, config_from_json, from_array_record, split_reply, to_array_record
 
 __all__ = ["app", "make_client_app"]
@@ -63,7 +63,11 @@ def make_client_app() -> ClientApp:
         reply, new_state = algorithm.client_round(
             payload, state, trainer, generator=client_generator(config, server_round, partition_id)
         )
-        arrays, metrics = split_reply(corrupt_reply(fault, reply), partition_id)
+        reply = attack_reply(
+            config.attack, corrupt_reply(fault, reply), payload, server_round=server_round, partition_id=partition_id,
+            consistent=lambda crafted: algorithm.consistent_reply(payload, state, crafted),
+        )  # fmt: skip
+        arrays, metrics = split_reply(reply, partition_id)
         content = RecordDict({"reply": arrays, "metrics": metrics})
         if new_state:
             content["state"] = to_array_record(new_state)

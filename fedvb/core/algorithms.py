@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
+from fedvb.core.robust import clip_to_cohort
 from fedvb.core.trainers import TorchTrainer
 
 __all__ = [
@@ -60,6 +61,8 @@ class Algorithm(ABC):
 
     name: str
     uncertainty = False  # True when the server's Gaussian is a posterior worth sampling for predictions
+    robust_clip = 0.0  # bound on one reply's change, in medians of the cohort's (fedvb.core.robust); 0: none
+    clipped: tuple = ()  # the clients whose replies the last server round clipped
 
     @abstractmethod
     def init_server(self, initial_mean: Tensor, num_clients: int) -> ServerState: ...
@@ -82,9 +85,10 @@ class Algorithm(ABC):
         """The tensors a reply must hold and their shapes (``-1``: any length); ``num_examples`` is implied."""
         return {"mean": tuple(server.arrays["mean"].shape)}
 
-    def check_reply(self, server: ServerState, reply: Arrays) -> None:
+    def check_reply(self, server: ServerState, reply: Arrays, client: Any = None) -> None:
         """Raise :class:`RejectedReply` unless ``reply`` has exactly the expected tensors, each of the server's
-        dtype and shape and finite, with a non-negative example count."""
+        dtype and shape and finite, with a non-negative example count. ``client``: who sent it, where the
+        check depends on what the server holds for that client."""
         expected = {**self.reply_shapes(server), "num_examples": ()}
         if set(reply) != set(expected):
             raise RejectedReply(f"holds {sorted(reply)}; expected {sorted(expected)}")
@@ -101,6 +105,34 @@ class Algorithm(ABC):
                 raise RejectedReply(f"{name} has non-finite values")
         if float(reply["num_examples"]) < 0:
             raise RejectedReply("num_examples is negative")
+
+    def bound(self, server: ServerState, replies: dict[Any, Arrays]) -> dict[Any, Arrays]:
+        """The replies with each tensor's change (from the server's tensor of that name, else from zero)
+        clipped to the cohort (:func:`fedvb.core.robust.clip_to_cohort`, ``robust_clip`` medians); the
+        clients clipped are left in :attr:`clipped`."""
+        self.clipped = ()
+        if self.robust_clip <= 0 or len(replies) < 3:
+            return replies
+        keys = [k for k in self.reply_shapes(server) if k != "num_examples"]
+        sizes = [float(r["num_examples"]) for r in replies.values()]
+        bounded = {client: dict(reply) for client, reply in replies.items()}
+        for key in keys:
+            reference = server.arrays.get(key)
+            changes = [r[key] - reference if reference is not None else r[key] for r in replies.values()]
+            for client, change, clipped in zip(replies, changes, clip_to_cohort(changes, sizes, self.robust_clip)):
+                if clipped is not change:  # only clipped tensors are rebuilt: the others stay bit for bit
+                    bounded[client][key] = clipped + reference if reference is not None else clipped
+        self.clipped = tuple(c for c in replies if any(bounded[c][k] is not replies[c][k] for k in keys))
+        return bounded
+
+    def consistent_reply(self, payload: Arrays, state: Arrays, reply: Arrays) -> Arrays:
+        """``reply`` with whatever the server checks against its other tensors recomputed from them (what a
+        careful attacker sends, so that only the server's bounds stand in its way: fedvb.faults)."""
+        return reply
+
+    def committed_state(self, server: ServerState, client: Any, state: Arrays) -> Arrays:
+        """The state kept for ``client`` after the server accepted its reply (the client's own, by default)."""
+        return state
 
     def server_mean(self, server: ServerState) -> Tensor:
         return server.arrays["mean"]
@@ -197,21 +229,83 @@ class BayesADMM(Algorithm):
         mean, precision = tuple(server.arrays["mean"].shape), tuple(server.arrays["precision"].shape)
         return {"mean": mean, "precision": precision, "site_linear": mean, "site_quadratic": precision}
 
-    def check_reply(self, server, reply):
-        super().check_reply(server, reply)
+    def check_reply(self, server, reply, client=None):
+        """Also: a positive precision, and the reply's site is the site step from the server's record of the
+        client's site to the reply's posterior (the server recomputes it; a site that is not is tampered)."""
+        super().check_reply(server, reply, client)
         try:
-            Gaussian(reply["mean"], reply["precision"], self.preset.family)
+            posterior = Gaussian(reply["mean"], reply["precision"], self.preset.family)
         except (ValueError, NonPositivePrecisionError) as error:
             raise RejectedReply(f"precision: {error}") from None
+        if client is None:
+            return
+        expected = self.preset.update_site(self._site(server, client), posterior, self.server_posterior(server))
+        for name, value in (("site_linear", expected.linear), ("site_quadratic", expected.quadratic)):
+            scale = float(value.abs().max()) if value.numel() else 0.0
+            if not torch.allclose(reply[name], value, rtol=1e-6, atol=1e-9 * max(scale, 1.0)):
+                raise RejectedReply(f"{name}: not the site step to the reply's posterior (docs/algorithms.md §2)")
+
+    def consistent_reply(self, payload, state, reply):
+        family = self.preset.family
+        server = Gaussian(payload["mean"], payload["precision"], family)
+        site = (NaturalParams(state["site_linear"], state["site_quadratic"], family) if "site_linear" in state
+                else NaturalParams.zeros(server.dim, family, dtype=server.dtype))  # fmt: skip
+        try:
+            new_site = self.preset.update_site(site, Gaussian(reply["mean"], reply["precision"], family), server)
+        except (ValueError, NonPositivePrecisionError):
+            return reply  # not a Gaussian: the screen rejects it anyway
+        return {**reply, "site_linear": new_site.linear, "site_quadratic": new_site.quadratic}
+
+    def _site(self, server: ServerState, client: Any) -> NaturalParams:
+        """The server's record of ``client``'s site (zero before its first accepted reply)."""
+        mean = server.arrays["mean"]
+        return server.sites.get(client) or NaturalParams.zeros(mean.numel(), self.preset.family, dtype=mean.dtype)
+
+    def bound(self, server, replies):
+        """Each reply's posterior moved towards the server's: its natural parameters' change from the server's
+        ``(S_bar m_bar, S_bar)``, linear and quadratic part each clipped to the cohort (a convex combination, so
+        the precision stays positive)."""
+        self.clipped = ()
+        if self.robust_clip <= 0 or len(replies) < 3:
+            return replies
+        family = self.preset.family
+        centre = self.server_posterior(server).natural()
+        naturals = [Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values()]
+        sizes = [float(r["num_examples"]) for r in replies.values()]
+        linear = [n.linear - centre.linear for n in naturals]
+        quadratic = [n.quadratic - centre.quadratic for n in naturals]
+        clipped_linear = clip_to_cohort(linear, sizes, self.robust_clip)
+        clipped_quadratic = clip_to_cohort(quadratic, sizes, self.robust_clip)
+        bounded, self.clipped = {}, ()
+        for i, (client, reply) in enumerate(replies.items()):
+            if clipped_linear[i] is linear[i] and clipped_quadratic[i] is quadratic[i]:
+                bounded[client] = reply  # within the bound: bit for bit as sent
+                continue
+            natural = NaturalParams(centre.linear + clipped_linear[i], centre.quadratic + clipped_quadratic[i], family)
+            clipped = Gaussian.from_natural(natural, what="a clipped reply")
+            bounded[client] = {**reply, "mean": clipped.mean, "precision": clipped.precision}
+            self.clipped += (client,)
+        return bounded
+
+    def committed_state(self, server, client, state):
+        """The client keeps the site the server recorded for it (they differ only if its reply was clipped)."""
+        if client not in server.sites or "site_linear" not in state:
+            return state
+        site = server.sites[client]
+        return {**state, "site_linear": site.linear, "site_quadratic": site.quadratic}
 
     def server_round(self, server, replies, num_clients):
-        """Fold in replies that passed :meth:`check_reply`."""
+        """Fold in replies that passed :meth:`check_reply`, bounded by :meth:`bound`; each replying client's
+        site is the site step to its (bounded) posterior, computed here from the server's record."""
         family = self.preset.family
+        replies = self.bound(server, replies)
+        server_posterior = self.server_posterior(server)
         posteriors = []
         sites = dict(server.sites)
         for key, reply in replies.items():
-            posteriors.append(Gaussian(reply["mean"], reply["precision"], family))
-            sites[key] = NaturalParams(reply["site_linear"], reply["site_quadratic"], family)
+            posterior = Gaussian(reply["mean"], reply["precision"], family)
+            posteriors.append(posterior)
+            sites[key] = self.preset.update_site(self._site(server, key), posterior, server_posterior)
         prior = self._prior(server.arrays["mean"])
         # Clients never heard from have zero sites, which add nothing to the sum.
         all_sites = list(sites.values()) or [NaturalParams.zeros(prior.dim, family, dtype=prior.dtype)]
@@ -259,6 +353,12 @@ class FedLapFunc(BayesADMM):
     def reply_shapes(self, server):
         return {**super().reply_shapes(server), "soft_labels": (len(self.inputs), -1)}
 
+    def check_reply(self, server, reply, client=None):
+        super().check_reply(server, reply, client)
+        soft = reply["soft_labels"]
+        if bool((soft < 0).any()) or not torch.allclose(soft.sum(-1), torch.ones_like(soft[:, 0]), atol=1e-4):
+            raise RejectedReply("soft_labels: rows must be probabilities (non-negative, summing to 1)")
+
     def function_space_loss(self, theta: Tensor, soft_labels: Tensor) -> Tensor:
         """``sum_{x in U} CE(p_avg(x), softmax f_theta(x))``."""
         logits = self.model.logits_at(theta.float(), self.inputs)
@@ -303,6 +403,7 @@ class FedAvg(Algorithm):
     def server_round(self, server, replies, num_clients):
         if not replies:
             return server
+        replies = self.bound(server, replies)
         return ServerState({"mean": _weighted_mean(replies, "mean").to(server.arrays["mean"])})
 
 
@@ -348,6 +449,7 @@ class FedDyn(Algorithm):
     def server_round(self, server, replies, num_clients):
         if not replies:
             return server
+        replies = self.bound(server, replies)
         w_bar = server.arrays["mean"]
         drift = sum(r["mean"] - w_bar for r in replies.values())
         h = server.arrays["_h"] - self.alpha / num_clients * drift
@@ -389,6 +491,7 @@ class FedADMM(Algorithm):
     def server_round(self, server, replies, num_clients):
         if not replies:
             return server
+        replies = self.bound(server, replies)
         step = sum(r["delta"] for r in replies.values())
         return ServerState({"mean": server.arrays["mean"] + self.server_lr / num_clients * step})
 
@@ -423,6 +526,7 @@ class Scaffold(Algorithm):
     def server_round(self, server, replies, num_clients):
         if not replies:
             return server
+        replies = self.bound(server, replies)
         dy = torch.stack([r["delta_mean"] for r in replies.values()]).mean(0)
         dc = torch.stack([r["delta_control"] for r in replies.values()]).mean(0)
         return ServerState(

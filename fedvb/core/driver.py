@@ -128,11 +128,13 @@ def run_algorithm(
                 payload, states[k], trainers[k], generator=generator_for(server_round, k)
             )
             try:
-                algorithm.check_reply(server, reply)
+                algorithm.check_reply(server, reply, k)
             except RejectedReply:
                 continue
             replies[k], states[k] = reply, state
         server = algorithm.server_round(server, replies, len(trainers))
+        for k in replies:
+            states[k] = algorithm.committed_state(server, k, states[k])
         if on_round is not None:
             on_round(server_round, server)
     return server

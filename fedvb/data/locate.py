@@ -20,15 +20,16 @@ def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
     """Folders searched for dataset files, in order.
 
     1. ``data_dir`` (the ``data_dir`` configuration key), 2. ``$FEDVB_DATA``,
-    3. ``./data``, 4. a ``shared/data`` folder beside the repository checkout
-    (where this project's offline copies live).
+    3. a ``shared/data`` folder beside the repository checkout (where this
+    project's offline copies live). The current directory is not searched
+    unless named (``data_dir = "data"``): what a run reads should not depend
+    on where it was started from.
     """
     dirs = []
     if data_dir is not None:
         dirs.append(Path(data_dir))
     if os.environ.get(ENV_DATA):
         dirs.append(Path(os.environ[ENV_DATA]))
-    dirs.append(Path.cwd() / "data")
     repo = Path(__file__).resolve().parents[2]
     dirs.append(repo.parent / "shared" / "data")
     return dirs

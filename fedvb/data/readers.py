@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gzip
 import io
-import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from fedvb.data.pickle_data import load_pickled_data
 
 __all__ = ["read_cifar10_jpeg_tar", "read_cifar10_python", "read_idx", "read_idx_folder", "read_uci_table"]
 
@@ -50,11 +51,17 @@ def read_idx_folder(folder: Path) -> dict[str, np.ndarray]:
 
 
 def read_cifar10_python(folder: Path) -> dict[str, np.ndarray]:
-    """The original python batches (``data_batch_1..5``, ``test_batch``): images ``(N, 32, 32, 3)`` uint8."""
+    """The original python batches (``data_batch_1..5``, ``test_batch``): images ``(N, 32, 32, 3)`` uint8.
+
+    The batches are pickles; they are read as data (:func:`~fedvb.data.pickle_data.load_pickled_data`),
+    so a crafted batch cannot run code."""
 
     def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(folder / name, "rb") as handle:
-            raw = pickle.load(handle, encoding="bytes")
+        with open(folder / name, "rb") as handle:  # read as data, never unpickled (fedvb.data.pickle_data)
+            raw = load_pickled_data(handle)
+        raw = {k.encode() if isinstance(k, str) else k: v for k, v in raw.items()} if isinstance(raw, dict) else {}
+        if not isinstance(raw.get(b"data"), np.ndarray) or not isinstance(raw.get(b"labels"), list):
+            raise ValueError(f"{folder / name}: not a CIFAR-10 python batch (no data array and labels list)")
         images = np.asarray(raw[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return images, np.asarray(raw[b"labels"], dtype=np.uint8)
 

@@ -47,12 +47,21 @@ def run_server(
     torch.set_num_threads(1)
     strategy = make_strategy(config)
     folder = RunFolder(config, resume=resume, overwrite=overwrite)
+    try:
+        _run_rounds(grid, config, strategy, folder, report)
+    finally:
+        folder.close()
+    return folder
+
+
+def _run_rounds(grid: Grid, config: RunConfig, strategy, folder: RunFolder, report: Reporter | None) -> None:
     first_round, elapsed_before = 1, 0.0
     if folder.resumed is not None:
         strategy.load_state_dict(folder.resumed["strategy"])
         first_round = folder.resumed["round"] + 1
         elapsed_before = folder.rows[-1]["elapsed_s"] if folder.rows else 0.0
     else:
+        folder.write_checkpoint(0, strategy.state_dict())  # from now on any kill can be resumed
         folder.write_picture("labels.png", lambda path: write_label_distribution(config, path))
     started = time.perf_counter() - elapsed_before
     status = {"status": "completed"}
@@ -81,7 +90,6 @@ def run_server(
     if outputs is None and folder.rows:  # resumed after the last round: nothing evaluated in this process
         outputs = test_predictions(config, strategy.mean(), _sampled_posterior(strategy))
     _write_pictures(config, folder, outputs, posterior=strategy.algorithm.uncertainty)
-    return folder
 
 
 def _write_pictures(config: RunConfig, folder: RunFolder, outputs: dict | None, *, posterior: bool) -> None:

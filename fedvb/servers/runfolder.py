@@ -13,6 +13,7 @@ A folder that already holds a run is replaced only when asked (``overwrite``).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -27,13 +28,39 @@ import torch
 from fedvb.config import ConfigError, RunConfig
 from fedvb.core.gaussian import Gaussian
 
-__all__ = ["CHECKPOINT", "RUN_FILES", "RunFolder", "check_out_folder"]
+__all__ = [
+    "CHECKPOINT",
+    "RUN_FILES",
+    "RunFolder",
+    "check_not_locked",
+    "check_out_folder",
+    "fingerprint",
+    "read_checkpoint",
+]
 
 CHECKPOINT = "checkpoint.pt"
 # everything a run writes into its folder (an earlier run's are removed when a run replaces it)
 RUN_FILES = ("config.toml", "metrics.jsonl", "metrics.csv", CHECKPOINT, "summary.json", "posterior.npz",
              "labels.png", "curves.png", "reliability.png")  # fmt: skip
 TENSORBOARD = "tensorboard"
+
+
+def read_checkpoint(path: Path, expected_fingerprint: str | None = None) -> dict[str, Any]:
+    """A fedvb checkpoint (tensors and plain containers only: ``weights_only``, nothing in it is run),
+    mmapped; ConfigError naming ``resume`` when it is missing, unreadable, not fedvb's, or made under
+    another configuration."""
+    if not path.is_file():
+        raise ConfigError("resume", f"{path.parent} has no {CHECKPOINT}")
+    try:
+        state = torch.load(path, weights_only=True, mmap=True)
+    except Exception as error:  # truncated, corrupt or foreign: bad input, not a crash
+        raise ConfigError("resume", f"{path} is not a readable fedvb checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not {"round", "strategy", "rows"} <= set(state):
+        raise ConfigError("resume", f"{path} is not a fedvb checkpoint")
+    found = state.get("fingerprint")
+    if expected_fingerprint is not None and found is not None and found != expected_fingerprint:
+        raise ConfigError("resume", f"{path} was written under another configuration than {path.parent}/config.toml")
+    return state
 
 
 def check_out_folder(out: str | Path, *, overwrite: bool = False) -> None:
@@ -49,6 +76,7 @@ def check_out_folder(out: str | Path, *, overwrite: bool = False) -> None:
         raise ConfigError("out", f"{existing} is a file, so {path} cannot be made")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("out", f"{existing} is not writable")
+    check_not_locked(path)
     held = [name for name in RUN_FILES if (path / name).exists()]
     if held and not overwrite:
         raise ConfigError("out", f"{path} already holds a run ({', '.join(held[:3])}); pass --overwrite to replace "
@@ -64,8 +92,46 @@ def _atomic_write(path: Path, data: bytes) -> None:
     temporary.replace(path)
 
 
+LOCK = ".lock"
+_HELD: set[Path] = set()  # the run folders this process is writing
+
+
+def fingerprint(config: RunConfig) -> str:
+    """What a checkpoint must match to be resumed under ``config``: every key but those a resume may change
+    (rounds) or that say only where and how the run goes."""
+    free = {"rounds", "out", "backend", "ray_address", "device", "client_cpus", "client_gpus", "log"}
+    values = {k: v for k, v in sorted(config.as_dict().items()) if k not in free}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_not_locked(path: str | Path) -> None:
+    """ConfigError naming ``out`` while another live process writes the run folder ``path``."""
+    holder = lock_holder(Path(path))
+    if holder is not None:
+        raise ConfigError("out", f"{path} is being written by another fedvb run (PID {holder})")
+
+
+def lock_holder(path: Path) -> int | None:
+    """The PID of a live process other than this one's current runs that holds ``path``'s lock, else None."""
+    try:
+        pid = int((path / LOCK).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid == os.getpid():
+        return pid if path.resolve() in _HELD else None  # a lock left by an earlier run of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # its owner is gone (killed): the lock is stale
+    except PermissionError:
+        pass  # alive, another user's
+    return pid
+
+
 class RunFolder:
-    """A run's folder. ``resume=True`` reopens one that holds a checkpoint (see :meth:`load_checkpoint`)."""
+    """A run's folder. ``resume=True`` reopens one (from its checkpoint, see :meth:`load_checkpoint`; one
+    killed before its first checkpoint starts again). A lock file holding the writer's PID keeps a second
+    process out while a run writes the folder."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> None:
         self.path = Path(config.out)
@@ -73,13 +139,16 @@ class RunFolder:
         self.rows: list[dict[str, Any]] = []
         self.resumed: dict[str, Any] | None = None  # the checkpoint a resumed run continues from
         self.summary: dict[str, Any] = {}  # summary.json, once written
-        if resume:  # the checkpoint's rows are the truth: a crash may have come before a row's append
+        self.fingerprint = fingerprint(config)
+        if not resume:
+            check_out_folder(self.path, overwrite=overwrite)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if resume and (self.path / CHECKPOINT).is_file():  # the checkpoint's rows are the truth
             self.resumed = self.load_checkpoint()
             self.rows = self.resumed["rows"]
             _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         else:
-            check_out_folder(self.path, overwrite=overwrite)
-            self.path.mkdir(parents=True, exist_ok=True)
             for stale in RUN_FILES:  # from the earlier run this one replaces
                 (self.path / stale).unlink(missing_ok=True)
             shutil.rmtree(self.path / TENSORBOARD, ignore_errors=True)
@@ -102,18 +171,32 @@ class RunFolder:
         if temporary.exists():
             temporary.replace(self.path / name)
 
+    def _lock(self) -> None:
+        check_not_locked(self.path)
+        _atomic_write(self.path / LOCK, f"{os.getpid()}\n".encode())
+        _HELD.add(self.path.resolve())
+
+    def release(self) -> None:
+        """Drop the folder's lock (at the end of the run, however it ended)."""
+        if self.path.resolve() in _HELD:
+            _HELD.discard(self.path.resolve())
+            (self.path / LOCK).unlink(missing_ok=True)
+
     def load_checkpoint(self) -> dict[str, Any]:
-        path = self.path / CHECKPOINT
-        if not path.is_file():
-            raise ConfigError("resume", f"{self.path} has no {CHECKPOINT} (no round finished there)")
-        return torch.load(path, weights_only=True)
+        """The checkpoint, checked to be fedvb's and to belong to this folder's configuration."""
+        return read_checkpoint(self.path / CHECKPOINT, self.fingerprint)
+
+    def write_checkpoint(self, server_round: int, strategy_state: dict[str, Any]) -> None:
+        """The federation after ``server_round`` (0: before the first round) and the rows so far."""
+        buffer = io.BytesIO()
+        state = {"round": server_round, "strategy": strategy_state, "rows": self.rows, "fingerprint": self.fingerprint}
+        torch.save(state, buffer)
+        _atomic_write(self.path / CHECKPOINT, buffer.getvalue())
 
     def end_round(self, server_round: int, strategy_state: dict[str, Any], row: dict[str, Any]) -> None:
         """Checkpoint after ``server_round`` (state and rows), then append ``row`` to metrics.jsonl."""
         self.rows.append(row)
-        buffer = io.BytesIO()
-        torch.save({"round": server_round, "strategy": strategy_state, "rows": self.rows}, buffer)
-        _atomic_write(self.path / CHECKPOINT, buffer.getvalue())
+        self.write_checkpoint(server_round, strategy_state)
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
@@ -145,6 +228,10 @@ class RunFolder:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         _atomic_write(self.path / "posterior.npz", buffer.getvalue())
+        return summary
+
+    def close(self) -> None:
+        """The end of a run, however it ended: TensorBoard's file closed and the lock dropped."""
         if self._tensorboard is not None:
             self._tensorboard.close()
-        return summary
+        self.release()

@@ -31,10 +31,10 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fedvb.config import RunConfig
-from fedvb.core.algorithms import Algorithm, ServerState
+from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
 from fedvb.core.driver import sample_participants
 from fedvb.core.gaussian import Gaussian, NaturalParams
-from fedvb.experiment import initial_mean, make_algorithm
+from fedvb.experiment import initial_mean, make_algorithm, partition_sizes
 from fedvb.records import CONFIG_KEY, config_to_json, from_array_record, join_reply, to_array_record
 
 __all__ = ["AlgorithmStrategy", "PartitionAddressing", "ReplyScreen", "RoundFailed"]
@@ -68,6 +68,10 @@ class PartitionAddressing:
                 f"num-supernodes={self.config.num_clients} (or set num_clients to the number of SuperNodes)"
             )
 
+    def partition_of(self, node_id: int) -> int | None:
+        """The client (partition) a node holds, None for a node this run does not know."""
+        return next((k for k, node in self.node_of.items() if node == node_id), None)
+
     def messages(self, grid: Grid, server_round: int, config: ConfigRecord) -> dict[int, Message]:
         """One TRAIN message per sampled client by partition, each with its own RecordDict (the caller adds
         the payload). ``config`` may carry ``attempt`` (the retry of this round; 0 by default)."""
@@ -98,6 +102,7 @@ class ReplyScreen:
         self.config = config
         self.addressing = PartitionAddressing(config)
         self.client_states: dict[int, Arrays] = {}
+        self.known_examples: dict[int, int] = partition_sizes(config)  # what each client's reply may claim
         self.round_log: dict[str, Any] = {}
         self._asked: set[int] = set()
 
@@ -135,10 +140,13 @@ class ReplyScreen:
                     raise ValueError(f"partition {partition} was not asked this round or replied twice")
                 reply = join_reply(message.content["reply"], message.content["metrics"])
                 state = from_array_record(message.content["state"]) if "state" in message.content else {}
-                algorithm.check_reply(server, reply)
+                algorithm.check_reply(server, reply, partition)
+                self._check_examples(partition, reply)
             except (KeyError, TypeError, ValueError) as error:  # RejectedReply is a ValueError
-                log.warning("round %d: rejected the reply of node %s: %s", server_round, source, error)
-                self.round_log["rejected"].append({"node": source, "reason": str(error)})
+                client = self.addressing.partition_of(source)
+                log.warning("round %d: rejected the reply of client %s (node %s): %s", server_round, client, source,
+                            error)  # fmt: skip
+                self.round_log["rejected"].append({"client": client, "node": source, "reason": str(error)})
                 continue
             accepted[partition] = (message, reply, state)
         if len(accepted) < self.config.min_replies:
@@ -147,9 +155,18 @@ class ReplyScreen:
             )
         return dict(sorted(accepted.items()))  # the plain loop's order, whatever order replies arrive in
 
-    def commit_states(self, accepted: dict[int, tuple[Message, Arrays, Arrays]]) -> None:
+    def _check_examples(self, partition: int, reply: Arrays) -> None:
+        """An example count gives a reply its weight (and its clipping bound): it must be the partition's size
+        where the server knows it, as in fedvb's simulations."""
+        claimed = float(reply["num_examples"])
+        known = self.known_examples.get(partition)
+        if known is not None and claimed != known:
+            raise RejectedReply(f"num_examples: partition {partition} holds {known} examples, the reply says {claimed}")
+
+    def commit_states(self, accepted: dict[int, tuple[Message, Arrays, Arrays]], algorithm, server) -> None:
+        """Keep each accepted client's state, as the algorithm settles it against the new server state."""
         for k, (_, _, state) in accepted.items():
-            self.client_states[k] = state
+            self.client_states[k] = algorithm.committed_state(server, k, state)
 
 
 class AlgorithmStrategy(ReplyScreen, Strategy):
@@ -192,11 +209,15 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.screen(server_round, replies, self.algorithm, self.server)
         replies_by_client = {k: reply for k, (_, reply, _) in accepted.items()}
-        new = self.algorithm.server_round(self.server, replies_by_client, self.config.num_clients)
+        try:  # whatever the replies hold, a failed aggregation is a failed round, never a crashed server
+            new = self.algorithm.server_round(self.server, replies_by_client, self.config.num_clients)
+        except (ValueError, RuntimeError, ArithmeticError) as error:  # NonPositivePrecisionError among them
+            raise RoundFailed(f"round {server_round}: the aggregate failed ({error}); server state kept") from None
         if not all(bool(torch.isfinite(v).all()) for v in new.arrays.values()):
             raise RoundFailed(f"round {server_round}: the aggregate is not finite; server state kept")
         self.server = new
-        self.commit_states(accepted)
+        self.commit_states(accepted, self.algorithm, new)
+        self.round_log["clipped"] = list(self.algorithm.clipped)
         count = sum(float(r["num_examples"]) for r in replies_by_client.values())
         return self.initial_arrays(), MetricRecord({"replies": len(accepted), "num-examples": count})
 

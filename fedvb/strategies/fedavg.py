@@ -34,6 +34,7 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
         )
         ReplyScreen.__init__(self, config)
         self.algorithm = FedAvgAlgorithm()
+        self.algorithm.robust_clip = config.robust_clip
         self._mean = initial_mean(config)
 
     def initial_arrays(self) -> ArrayRecord:
@@ -60,9 +61,15 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.screen(server_round, replies, self.algorithm, ServerState({"mean": self._mean}))
+        server = ServerState({"mean": self._mean})
+        accepted = self.screen(server_round, replies, self.algorithm, server)
+        bounded = self.algorithm.bound(server, {k: reply for k, (_, reply, _) in accepted.items()})
+        for k, (message, reply, _) in accepted.items():
+            if bounded[k]["mean"] is not reply["mean"]:  # clipped: Flower averages what the message holds
+                message.content["reply"] = to_array_record({"mean": bounded[k]["mean"]})
         arrays, metrics = super().aggregate_train(server_round, [message for message, _, _ in accepted.values()])
-        self.commit_states(accepted)
+        self.commit_states(accepted, self.algorithm, server)
+        self.round_log["clipped"] = list(self.algorithm.clipped)
         if arrays is not None:
             self._mean = from_array_record(arrays)["mean"].to(self._mean)
         return arrays, metrics

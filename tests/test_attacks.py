@@ -1,0 +1,44 @@
+"""One attacker of five, every crafted reply of fedvb.faults.ATTACKS, every round and once: the server never
+crashes, every run completes, the defences engage on every crafted reply, and where they hold (the table in
+the README, made by simulations/attacks.py) the final accuracy stays within 0.05 of the honest run's."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedvb.config import BAYES_ADMM, STRATEGIES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+
+from attacks import CASES, attacked_run  # noqa: E402
+
+ROUNDS = 4
+# the attacks each strategy's replies can carry (sites: those that send sites or control variates)
+SENDS_SITES = (*BAYES_ADMM, "scaffold")
+# where the bounds hold the final accuracy within MARGIN of the honest run (measured; the README's table)
+HELD = {
+    "fedavg": ("huge", "takeover", "examples"),
+    "fedprox": ("huge", "takeover", "examples"),
+    "feddyn": ("huge", "takeover", "examples"),
+    "fedadmm": ("huge", "takeover", "examples"),
+    "fedlap-func": ("huge", "takeover", "sites", "examples"),
+}
+MARGIN = 0.05
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_attacker_of_five_neither_crashes_nor_passes_unbounded(strategy, tmp_path):
+    honest = attacked_run(strategy, "honest", tmp_path)
+    assert honest["status"] == "completed" and honest["clipped"] == 0  # honest replies are never clipped
+    for case in CASES[1:]:
+        kind = case.split("@")[0]
+        if kind == "sites" and strategy not in SENDS_SITES:
+            continue  # nothing to craft
+        result = attacked_run(strategy, case, tmp_path)
+        assert result["status"] == "completed", (case, result)
+        crafted = 1 if case.endswith(":once") else ROUNDS
+        if kind != "sign-flip":  # a mirrored change may lie within the bound; the others never do
+            assert result["rejected"] + result["clipped"] >= crafted, (case, result)
+        if kind in HELD.get(strategy, ()):
+            assert abs(result["accuracy"] - honest["accuracy"]) <= MARGIN, (case, result, honest)
