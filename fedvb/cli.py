@@ -132,11 +132,9 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _check_runnable(config: RunConfig) -> None:
-    """Everything short of training: load and split the data, build the algorithm (model and data must fit)."""
-    from fedvb.experiment import make_algorithm, prepare
+    from fedvb.experiment import check_runnable
 
-    prepare(config)
-    make_algorithm(config)
+    check_runnable(config)
 
 
 def _fail(error: Exception) -> int:
@@ -184,6 +182,10 @@ def _run(args: argparse.Namespace) -> int:
         display.finish(summary, f"fedvb: {config.strategy} stopped after {seconds:.1f} s -> {config.out}")
         print(f"fedvb: error: {summary['reason']}; continue with: fedvb run --resume {config.out}", file=sys.stderr)
         return 1
+    if summary.get("status") == "completed_with_losses":
+        lost = f"{summary['rejected_replies']} replies rejected or lost (clients {summary['rejected_clients']})"
+        display.finish(summary, f"fedvb: {config.strategy} finished in {seconds:.1f} s with {lost} -> {config.out}")
+        return 3
     display.finish(summary, f"fedvb: {config.strategy} finished in {seconds:.1f} s -> {config.out}")
     return 0
 

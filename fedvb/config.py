@@ -8,6 +8,7 @@ raises :class:`ConfigError` naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -184,6 +185,8 @@ class RunConfig:
     def validate(self) -> None:
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, f"must be a finite number, got {value}")
             if "choices" in meta and value not in meta["choices"]:
                 allowed = ", ".join(repr(c) for c in meta["choices"])
                 raise ConfigError(f.name, f"got {value!r}; allowed: {allowed}")

@@ -32,6 +32,7 @@ __all__ = [
     "write_label_distribution",
     "client_generator",
     "evaluate",
+    "check_runnable",
     "initial_mean",
     "make_algorithm",
     "make_trainer",
@@ -149,22 +150,49 @@ def _subsample(dataset: Dataset, fraction: float, seed: int) -> Dataset:
 
 
 def _load_npz(config: RunConfig) -> Dataset:
-    """Bring-your-own data: ``x`` (N, d), ``y`` (N,), ``client`` (N,) and optionally ``x_test``, ``y_test``."""
+    """Bring-your-own data: ``x`` (N, d), ``y`` (N,), ``client`` (N,) and optionally ``x_test``, ``y_test``.
+    Read without pickle (object arrays are refused), every array checked before anything trains."""
     try:
-        z = np.load(config.data)
-    except (OSError, ValueError) as error:
-        raise ConfigError("data", f"cannot read {config.data}: {error}") from None
-    with z:
-        for key in ("x", "y", "client"):
-            if key not in z.files:
-                raise ConfigError("data", f"{config.data} lacks the array {key!r} (has {', '.join(z.files)})")
-        x, y, client = z["x"], z["y"], z["client"]
-        x_test = z["x_test"] if "x_test" in z.files else x[:0]
-        y_test = z["y_test"] if "y_test" in z.files else y[:0]
+        z = np.load(config.data, allow_pickle=False)
+    except Exception as error:  # missing, truncated, not a zip, a pickle: one clear line, never a traceback
+        raise ConfigError("data", f"cannot read {config.data}: {type(error).__name__}: {error}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ConfigError("data", f"{config.data} is a single .npy array; give an .npz with x, y and client")
+    try:
+        arrays = _read_arrays(z, config.data)
+    except ConfigError:
+        raise
+    except Exception as error:  # a member that is truncated, compressed badly or holds objects
+        raise ConfigError("data", f"cannot read {config.data}: {type(error).__name__}: {error}") from None
+    finally:
+        z.close()
+    return _checked_dataset(config, *arrays)
+
+
+def _read_arrays(z, path: str) -> tuple[np.ndarray, ...]:
+    for key in ("x", "y", "client"):
+        if key not in z.files:
+            raise ConfigError("data", f"{path} lacks the array {key!r} (has {', '.join(z.files) or 'nothing'})")
+    x, y, client = z["x"], z["y"], z["client"]
+    x_test = z["x_test"] if "x_test" in z.files else x[:0]
+    y_test = z["y_test"] if "y_test" in z.files else y[:0]
+    return x, y, client, x_test, y_test
+
+
+def _checked_dataset(config: RunConfig, x, y, client, x_test, y_test) -> Dataset:
+    for name, values in (("x", x), ("y", y), ("client", client), ("x_test", x_test), ("y_test", y_test)):
+        if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+                or values.dtype == np.bool_):  # fmt: skip
+            raise ConfigError("data", f"{name} must hold real numbers, got dtype {values.dtype}")
+    for name, values in (("y", y), ("client", client), ("y_test", y_test)):
+        if values.ndim != 1:
+            raise ConfigError("data", f"{name} must be one-dimensional, got shape {values.shape}")
     if x.ndim != 2 or len(y) != len(x) or len(client) != len(x):
         raise ConfigError(
             "data", f"x must be (N, d) with y and client of length N; got {x.shape}, {y.shape}, {client.shape}"
         )
+    if len(x) == 0 or x.shape[1] == 0:
+        raise ConfigError("data", f"x has no {'rows' if len(x) == 0 else 'columns'} (shape {x.shape})")
     if x_test.ndim != 2 or x_test.shape[1] != x.shape[1] or len(y_test) != len(x_test):
         raise ConfigError(
             "data", f"x_test must be (M, {x.shape[1]}) with y_test of length M; got {x_test.shape}, {y_test.shape}"
@@ -177,6 +205,9 @@ def _load_npz(config: RunConfig) -> Dataset:
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
             raise ConfigError("data", "y must hold non-negative integer classes for --model logreg")
         classes = int(y.max()) + 1
+        if classes > max(2 * len(y), 1000):  # a model of that many outputs would not fit in memory
+            raise ConfigError("data", f"y's largest class is {classes - 1}, far beyond its {len(y)} rows: "
+                                      "classes must be numbered 0..C-1")  # fmt: skip
         if len(y_test) and (not np.issubdtype(y_test.dtype, np.integer) or y_test.min() < 0 or y_test.max() >= classes):
             raise ConfigError("data", f"y_test must hold integer classes in 0..{classes - 1} (the classes of y)")
         y, y_test = y.astype(np.int64), y_test.astype(np.int64)
@@ -198,6 +229,31 @@ def resolve_device(config: RunConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
+
+
+def check_runnable(config: RunConfig) -> None:
+    """Everything short of training, before anything is written: the data loads and splits, the device
+    exists, the algorithm builds, and the model takes the data (a forward pass on one example)."""
+    prepared = prepare(config)
+    if config.device.startswith("cuda") and config.backend == "inprocess" and config.client_gpus == 0:
+        index = int(config.device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ConfigError("device", f"{config.device} asked for, but this machine has {count} CUDA devices; "
+                                        "allowed here: cpu, auto")  # fmt: skip
+    make_algorithm(config)
+    model = build_run_model(config, prepared)
+    example = torch.as_tensor(prepared.dataset.x_train[:1])
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ConfigError("model", f"{prepared.model_name} cannot take this data's inputs of shape "
+                                   f"{tuple(example.shape[1:])} ({str(error).splitlines()[0]})") from None  # fmt: skip
+    expected = prepared.dataset.num_classes or 1
+    if out.reshape(1, -1).shape[1] != expected:
+        raise ConfigError("model", f"{prepared.model_name} gives {out.reshape(1, -1).shape[1]} outputs; the data "
+                                   f"needs {expected}")  # fmt: skip
 
 
 def build_run_model(config: RunConfig, prepared: Prepared) -> torch.nn.Module:

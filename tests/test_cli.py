@@ -1,5 +1,6 @@
 """`fedvb run`: exit code 2 and one line naming the field on bad input; the run folder on success."""
 
+import io
 import json
 import tomllib
 from pathlib import Path
@@ -31,6 +32,29 @@ NPZ = {
     "test-label-out-of-range": dict(x=X, y=Y, client=CLIENT, x_test=X[:3], y_test=np.array([0, 1, 7])),
     "test-width": dict(x=X, y=Y, client=CLIENT, x_test=X[:3, :1], y_test=Y[:3]),
     "x-vector": dict(x=X[:, 0], y=Y, client=CLIENT),
+    "no-columns": dict(x=X[:, :0], y=Y, client=CLIENT),
+    "no-rows": dict(x=X[:0], y=Y[:0], client=CLIENT[:0]),
+    "complex-x": dict(x=X + 1j, y=Y, client=CLIENT),
+    "string-y": dict(x=X, y=Y.astype(str), client=CLIENT),
+    "matrix-y": dict(x=X, y=np.stack([Y, Y], 1), client=CLIENT),
+    "matrix-client": dict(x=X, y=Y, client=np.stack([CLIENT, CLIENT], 1)),
+    "huge-label": dict(x=X, y=np.where(np.arange(12) == 0, 10**9, Y), client=CLIENT),
+    "nan-x-test": dict(x=X, y=Y, client=CLIENT, x_test=np.full((2, 2), np.nan), y_test=Y[:2]),
+    "short-y-test": dict(x=X, y=Y, client=CLIENT, x_test=X[:3], y_test=Y[:2]),
+    "empty-npz": {},
+}
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+# files that are not an .npz at all (written as raw bytes)
+RAW = {
+    "npy": npy_bytes(X),
+    "empty-file": b"",
+    "text": b"x,y,client\n1,2,0\n",
+    "truncated": b"PK\x03\x04\x14\x00\x00\x00\x08\x00",
 }
 NPZ_RUN = ["--model", "logreg", "--num-clients", "3", "--data"]
 
@@ -92,6 +116,48 @@ BAD_INPUTS = [
     ([*NPZ_RUN, "{test-label-out-of-range}"], "data: y_test must hold integer classes in 0..2"),
     ([*NPZ_RUN, "{test-width}"], "data: x_test must be (M, 2)"),
     (["--model", "logreg", "--num-clients", "4", "--data", "{good}"], "num_clients: {good} has 3 clients"),
+    # data files that are broken or not data
+    ([*NPZ_RUN, "{no-columns}"], "data: x has no columns"),
+    ([*NPZ_RUN, "{no-rows}"], "data: x has no rows"),
+    ([*NPZ_RUN, "{complex-x}"], "data: x must hold real numbers, got dtype complex128"),
+    ([*NPZ_RUN, "{string-y}"], "data: y must hold real numbers"),
+    ([*NPZ_RUN, "{matrix-y}"], "data: y must be one-dimensional, got shape (12, 2)"),
+    ([*NPZ_RUN, "{matrix-client}"], "data: client must be one-dimensional"),
+    ([*NPZ_RUN, "{huge-label}"], "data: y's largest class is 1000000000, far beyond its 12 rows"),
+    ([*NPZ_RUN, "{nan-x-test}"], "data: x_test has non-finite values"),
+    ([*NPZ_RUN, "{short-y-test}"], "data: x_test must be (M, 2) with y_test of length M"),
+    ([*NPZ_RUN, "{empty-npz}"], "data: {empty-npz} lacks the array 'x' (has nothing)"),
+    ([*NPZ_RUN, "{npy}"], "data: {npy} is a single .npy array"),
+    ([*NPZ_RUN, "{empty-file}"], "data: cannot read {empty-file}: EOFError"),
+    ([*NPZ_RUN, "{text}"], "data: cannot read {text}"),
+    ([*NPZ_RUN, "{truncated}"], "data: cannot read {truncated}"),
+    (["--data", "{good}", "--model", "zenke-cnn", "--num-clients", "3"], "model: --data needs --model linear"),
+    # numbers that are not finite
+    *[(["--set", f"{key}={value}"], f"{key}: must be a finite number, got {value}")
+      for key, value in (("lr", "inf"), ("rho", "inf"), ("temperature", "inf"), ("ivon_hess_init", "inf"),
+                         ("prior_precision", "inf"), ("damping", "nan"), ("alpha", "nan"), ("proximal_mu", "inf"),
+                         ("feddyn_alpha", "inf"), ("admm_rho", "nan"), ("server_lr", "inf"), ("func_lr", "inf"),
+                         ("func_weight", "nan"), ("client_timeout_s", "inf"), ("data_fraction", "nan"),
+                         ("robust_clip", "inf"), ("target_accuracy", "nan"), ("partition_alpha", "inf"),
+                         ("precision_floor", "inf"), ("ivon_beta2", "nan"), ("client_cpus", "inf"),
+                         ("local_test_fraction", "nan"))],  # fmt: skip
+    (["--set", "robust_clip=-1"], "robust_clip: must be >= 0, got -1.0"),
+    (["--set", "ivon_beta2=1"], "ivon_beta2: must be < 1, got 1.0"),
+    (["--set", "ivon_mc_samples=0"], "ivon_mc_samples: must be >= 1, got 0"),
+    (["--set", "ivon_kernel=gpu"], "ivon_kernel: got 'gpu'; allowed: 'auto', 'torch', 'native'"),
+    (["--set", "func_steps=-1"], "func_steps: must be >= 0, got -1"),
+    (["--set", "optimizer=lbfgs"], "optimizer: got 'lbfgs'; allowed: 'adam', 'sgd'"),
+    (["--set", "family=kronecker"], "family: got 'kronecker'; allowed: '', 'isotropic'"),
+    (["--set", "preprocessing=whiten"], "preprocessing: got 'whiten'; allowed: 'standardize', 'raw'"),
+    (["--set", "seed=-1"], "seed: must be >= 0, got -1"),
+    (["--set", "local_epochs=0"], "local_epochs: must be >= 1, got 0"),
+    (["--set", "client_gpus=-1"], "client_gpus: must be >= 0, got -1.0"),
+    (["--strategy", "ivon-admm", "--set", "solver=laplace"], "solver: ivon-admm uses the ivon solver"),
+    # models, devices and data that cannot work together
+    (["--dataset", "synthetic-logistic", "--model", "zenke-cnn"], "model: zenke-cnn needs image inputs"),
+    (["--dataset", "synthetic-logistic", "--model", "resnet20"], "model: resnet20"),
+    (["--set", "device=cuda"], "device: cuda asked for, but this machine has"),
+    (["--set", "device=cuda:3"], "device: cuda:3 asked for"),
 ]
 
 
@@ -103,9 +169,11 @@ NEEDS_DATA = {"uci-heart": needs_data("uci-heart")}  # the cases on a dataset re
     [pytest.param(a, m, marks=[NEEDS_DATA[d] for d in NEEDS_DATA if d in a]) for a, m in BAD_INPUTS],
 )
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
-    paths = {name: str(tmp_path / f"{name}.npz") for name in NPZ}
+    paths = {name: str(tmp_path / f"{name}.npz") for name in (*NPZ, *RAW)}
     for name, arrays in NPZ.items():
         np.savez(paths[name], **arrays)
+    for name, raw in RAW.items():
+        Path(paths[name]).write_bytes(raw)
     args = [a.format_map(paths) if a.startswith("{") else a for a in args]
     assert main(["run", *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
@@ -115,7 +183,7 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
 
 
 def test_the_bad_input_table_is_large_enough():
-    assert len(BAD_INPUTS) >= 25 and len({m for _, m in BAD_INPUTS}) == len(BAD_INPUTS) - 1  # one repeat
+    assert len(BAD_INPUTS) >= 100 and len({m for _, m in BAD_INPUTS}) == len(BAD_INPUTS) - 1  # one repeat
 
 
 def test_a_run_writes_its_folder(tmp_path, capsys):

@@ -57,7 +57,9 @@ def test_each_fault_kind_is_rejected_and_the_run_goes_on(kind, tmp_path):
     assert reasons and all(REASONS[kind] in reason for reason in reasons)
     assert all(row["retries"] == 0 for row in rows)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["round"] == 3
+    assert summary["status"] == "completed_with_losses" and summary["round"] == 3  # never a silent "completed"
+    assert summary["rejected_replies"] == len(reasons)
+    assert summary["rejected_clients"] == sorted({r["client"] for row in rows for r in row["rejected"]})
     with np.load(tmp_path / "run" / "posterior.npz") as z:
         assert np.isfinite(z["mean"]).all() and (z["precision"] > 0).all()
         np.testing.assert_allclose(z["mean"], mean_without_faulty_replies(config).numpy(), rtol=1e-6, atol=1e-7)
@@ -87,7 +89,7 @@ def test_a_retried_round_succeeds_when_enough_clients_answer(tmp_path):
     config = fault_config(tmp_path, "nan=0.4", min_replies=5, round_retries=30, rounds=2)
     run(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed_with_losses"
     assert rows[0]["retries"] >= 1 and len(rows[0]["rejected"]) >= rows[0]["retries"]  # every attempt's rejects
     with np.load(tmp_path / "run" / "posterior.npz") as z:
         assert np.isfinite(z["mean"]).all()

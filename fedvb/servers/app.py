@@ -84,7 +84,9 @@ def _run_rounds(grid: Grid, config: RunConfig, strategy, folder: RunFolder, repo
         if report is not None:
             report(row)
     totals = {"rounds": config.rounds, "strategy": config.strategy, "total_time_s": time.perf_counter() - started}
-    totals.update(status, **_rounds_to_target(folder.rows, config.target_accuracy))
+    totals.update(status, **_rounds_to_target(folder.rows, config.target_accuracy), **_losses(folder.rows))
+    if totals["status"] == "completed" and totals["rejected_replies"]:
+        totals["status"] = "completed_with_losses"  # never a silent "completed" when replies were lost
     totals["bytes_total"] = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in folder.rows)
     folder.finish(strategy.mean(), strategy.posterior(), totals)
     if outputs is None and folder.rows:  # resumed after the last round: nothing evaluated in this process
@@ -123,6 +125,13 @@ def _train_round(grid: Grid, strategy, config: RunConfig, server_round: int) -> 
                 raise
             log.warning("%s; retrying (%d of %d)", error, attempt + 1, config.round_retries)
     raise AssertionError("unreachable")
+
+
+def _losses(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many replies were rejected or never came, and from which clients (by client number)."""
+    lost = [entry for row in rows for entry in row.get("rejected", [])]
+    clients = sorted({e["client"] for e in lost if e.get("client") is not None})
+    return {"rejected_replies": len(lost), "rejected_clients": clients}
 
 
 def _rounds_to_target(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:

@@ -129,6 +129,7 @@ class ReplyScreen:
 
         Raises :class:`RoundFailed` (having changed nothing) below ``min_replies``."""
         accepted: dict[int, tuple[Message, Arrays, Arrays]] = {}
+        replies = list(replies)
         for message in replies:
             source = message.metadata.src_node_id
             try:
@@ -149,6 +150,11 @@ class ReplyScreen:
                 self.round_log["rejected"].append({"client": client, "node": source, "reason": str(error)})
                 continue
             accepted[partition] = (message, reply, state)
+        answered = {self.addressing.partition_of(m.metadata.src_node_id) for m in replies}
+        for client in sorted(self._asked - answered):  # lost: a timeout, a dead worker, a dropped message
+            log.warning("round %d: no reply from client %d", server_round, client)
+            node = self.addressing.node_of.get(client)
+            self.round_log["rejected"].append({"client": client, "node": node, "reason": "no reply"})
         if len(accepted) < self.config.min_replies:
             raise RoundFailed(
                 f"round {server_round}: {len(accepted)} accepted replies, min_replies is {self.config.min_replies}"
