@@ -43,6 +43,8 @@ NPZ = {
     "short-y-test": dict(x=X, y=Y, client=CLIENT, x_test=X[:3], y_test=Y[:2]),
     "empty-npz": {},
 }
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -57,6 +59,14 @@ RAW = {
     "truncated": b"PK\x03\x04\x14\x00\x00\x00\x08\x00",
 }
 NPZ_RUN = ["--model", "logreg", "--num-clients", "3", "--data"]
+# every float key refuses inf and nan
+NON_FINITE = (
+    ("lr", "inf"), ("rho", "inf"), ("temperature", "inf"), ("ivon_hess_init", "inf"), ("prior_precision", "inf"),
+    ("damping", "nan"), ("alpha", "nan"), ("proximal_mu", "inf"), ("feddyn_alpha", "inf"), ("admm_rho", "nan"),
+    ("server_lr", "inf"), ("func_lr", "inf"), ("func_weight", "nan"), ("client_timeout_s", "inf"),
+    ("data_fraction", "nan"), ("robust_clip", "inf"), ("target_accuracy", "nan"), ("partition_alpha", "inf"),
+    ("precision_floor", "inf"), ("ivon_beta2", "nan"), ("client_cpus", "inf"), ("local_test_fraction", "nan"),
+)  # fmt: skip
 
 BAD_INPUTS = [
     (["--strategy", "fedsgd"], "strategy: got 'fedsgd'; allowed: 'fedavg'"),
@@ -133,14 +143,7 @@ BAD_INPUTS = [
     ([*NPZ_RUN, "{truncated}"], "data: cannot read {truncated}"),
     (["--data", "{good}", "--model", "zenke-cnn", "--num-clients", "3"], "model: --data needs --model linear"),
     # numbers that are not finite
-    *[(["--set", f"{key}={value}"], f"{key}: must be a finite number, got {value}")
-      for key, value in (("lr", "inf"), ("rho", "inf"), ("temperature", "inf"), ("ivon_hess_init", "inf"),
-                         ("prior_precision", "inf"), ("damping", "nan"), ("alpha", "nan"), ("proximal_mu", "inf"),
-                         ("feddyn_alpha", "inf"), ("admm_rho", "nan"), ("server_lr", "inf"), ("func_lr", "inf"),
-                         ("func_weight", "nan"), ("client_timeout_s", "inf"), ("data_fraction", "nan"),
-                         ("robust_clip", "inf"), ("target_accuracy", "nan"), ("partition_alpha", "inf"),
-                         ("precision_floor", "inf"), ("ivon_beta2", "nan"), ("client_cpus", "inf"),
-                         ("local_test_fraction", "nan"))],  # fmt: skip
+    *[(["--set", f"{key}={value}"], f"{key}: must be a finite number, got {value}") for key, value in NON_FINITE],
     (["--set", "robust_clip=-1"], "robust_clip: must be >= 0, got -1.0"),
     (["--set", "ivon_beta2=1"], "ivon_beta2: must be < 1, got 1.0"),
     (["--set", "ivon_mc_samples=0"], "ivon_mc_samples: must be >= 1, got 0"),
