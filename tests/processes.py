@@ -7,6 +7,7 @@ only when its command line names a path or port that this test made for itself.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,9 @@ def free_port() -> int:
 
 
 def pids_mentioning(marker: str) -> list[int]:
-    """PIDs (of this user, not this one) whose command line contains ``marker``, read from /proc."""
+    """PIDs (of this user, not this one) whose command line contains ``marker``, read from /proc; a marker
+    ending in a digit (a port) must not run on into more digits (":5842" is not ":58421")."""
+    pattern = re.compile(re.escape(marker) + (r"(?!\d)" if marker[-1:].isdigit() else ""))
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -38,7 +41,7 @@ def pids_mentioning(marker: str) -> list[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        if marker in command:
+        if pattern.search(command):
             found.append(int(entry.name))
     return found
 
