@@ -34,8 +34,8 @@ class InProcessGrid(Grid):
     each keeps its own ``Context`` (with ``partition-id``) for the whole run. A
     client that raises produces an error reply, as Flower's engines do.  With a
     ``timeout`` each client runs in a worker thread and gets that long: clients
-    run one after another here, so the limit is per client (under Ray it is per
-    round); a late reply is dropped, as Flower drops replies after its timeout,
+    run one after another here, so the limit is per client (as under fedvb's Ray
+    backend, :mod:`fedvb.ray_backend`); a late reply is dropped, as Flower drops replies after its timeout,
     and a node still busy with a late message finishes it before it takes the next.
     """
 
@@ -152,14 +152,20 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, rep
         return
     from flwr.simulation import run_simulation
 
+    from fedvb.ray_backend import installed
+
     init_args = {"address": config.ray_address} if config.ray_address else {"include_dashboard": False}
     backend_config = {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
         "init_args": init_args,
     }
-    run_simulation(
-        server_app=make_server_app(config, resume=resume, overwrite=overwrite, report=report),
-        client_app=make_client_app(),
-        num_supernodes=config.num_clients,
-        backend_config=backend_config,
-    )
+    # fedvb's Ray backend heals dead actors and limits each client from its start (fedvb.ray_backend), so
+    # the server sets no deadline of its own on a round.
+    server_app = make_server_app(config, resume=resume, overwrite=overwrite, report=report, round_deadline=False)
+    with installed(config):
+        run_simulation(
+            server_app=server_app,
+            client_app=make_client_app(),
+            num_supernodes=config.num_clients,
+            backend_config=backend_config,
+        )

@@ -160,8 +160,11 @@ def _run(args: argparse.Namespace) -> int:
         _check_runnable(config)
     except (ValueError, FileNotFoundError) as error:  # ConfigError, data and partition errors name their field
         return _fail(error)
+    import torch
+
     from fedvb.backends import run
 
+    torch.set_num_threads(1)  # one thread per process on CPU: in-process clients run one after another
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
 
     started = time.perf_counter()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedvb.core.robust import COMBINATIONS
+
 __all__ = ["STRATEGIES", "ConfigError", "RunConfig", "describe_fields"]
 
 STRATEGIES = (
@@ -123,7 +125,10 @@ class RunConfig:
     client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))
     client_gpus: float = field(default=0.0, metadata=_meta("ray: GPUs per client (fractions share a GPU)", ge=0))
     client_timeout_s: float = field(
-        default=0.0, metadata=_meta("seconds to wait for a client's reply (ray: for the round); 0: no limit", ge=0)
+        default=0.0,
+        metadata=_meta(
+            "seconds a client may take from its start (ray: from when an actor starts it); 0: no limit", ge=0
+        ),
     )
     min_replies: int = field(default=1, metadata=_meta("accepted replies a round needs, else it is retried", min=1))
     round_retries: int = field(
@@ -133,6 +138,17 @@ class RunConfig:
         default=0.0,
         metadata=_meta("bound on one reply's change, in multiples of the cohort's median change (scaled up for "
                        "clients with more examples; fedvb.core.robust); 0: no bound", ge=0),
+    )  # fmt: skip
+    combine: str = field(
+        default="mean",
+        metadata=_meta("how the server combines the cohort's replies: mean (the algorithm's own), trimmed "
+                       "(coordinate-wise trimmed mean), median (coordinate-wise; fedvb.core.robust)",
+                       choices=COMBINATIONS),
+    )  # fmt: skip
+    combine_trim: float = field(
+        default=0.1,
+        metadata=_meta("combine = trimmed: fraction of replies dropped at each end per coordinate (at least one "
+                       "once 3 replies)", ge=0, lt=0.5),
     )  # fmt: skip
     faults: str = field(default="", metadata=_meta("fault injection, e.g. 'raise=0.1,nan=0.1' (fedvb.faults)"))
     attack: str = field(
@@ -259,6 +275,11 @@ class RunConfig:
             raise ConfigError(
                 "faults", f"negative-precision needs a strategy that sends a precision, not {self.strategy}"
             )
+        if self.combine != "mean" and (self.strategy == "bayes-admm-newton" or self.family == "dense"):
+            raise ConfigError(
+                "combine", f"{self.combine} combines precisions entry by entry, which need not keep a dense one "
+                "positive definite; allowed with a dense family: 'mean'"
+            )  # fmt: skip
 
     # -- derived -----------------------------------------------------------------------
     @property

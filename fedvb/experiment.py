@@ -22,6 +22,7 @@ from fedvb.config import DEFAULT_SOLVER, ConfigError, RunConfig
 from fedvb.core.algorithms import Algorithm, BayesADMM, FedADMM, FedAvg, FedDyn, FedLapFunc, FedProx, Scaffold
 from fedvb.core.duality import Preset
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, family_by_name
+from fedvb.core.robust import Combination
 from fedvb.core.trainers import LocalSettings, TorchTrainer
 from fedvb.data import GENERATED, Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
 from fedvb.metrics import score
@@ -300,9 +301,15 @@ def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
 
 
 def make_algorithm(config: RunConfig) -> Algorithm:
-    """The configuration's algorithm, its replies bounded by ``robust_clip`` (:mod:`fedvb.core.robust`)."""
-    algorithm = _algorithm(config)
+    """The configuration's algorithm, its replies bounded by ``robust_clip`` and combined by ``combine``
+    (:mod:`fedvb.core.robust`)."""
+    return with_defences(_algorithm(config), config)
+
+
+def with_defences(algorithm: Algorithm, config: RunConfig) -> Algorithm:
+    """``algorithm`` with the configuration's bounds and robust combination (:mod:`fedvb.core.robust`)."""
     algorithm.robust_clip = config.robust_clip
+    algorithm.combination = Combination(config.combine, config.combine_trim)
     return algorithm
 
 

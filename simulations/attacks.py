@@ -6,7 +6,7 @@ crafted posterior (the strongest attacker: it passes the site check, only the bo
 ``sites`` attack, which sends crafted sites. The table gives the final test accuracy, with how many of the
 attacker's replies were rejected (r) or clipped (c).
 
-    .venv/bin/python simulations/attacks.py [--strategies a,b] [--robust-clip 10] [--out DIR]
+    .venv/bin/python simulations/attacks.py [--strategies a,b] [--robust-clip 10] [--combine mean] [--out DIR]
 
 Setting: sklearn's digits, softmax regression, 5 clients (papers-dirichlet split), 4 rounds, lr 0.01
 (0.002 for fedlap, fedlap-cov and pvi, which diverge at 0.01 on this set), no predictive sampling.
@@ -30,11 +30,14 @@ LR = {"fedlap": 0.002, "fedlap-cov": 0.002, "pvi": 0.002}
 CASES = ["honest"] + [f"{kind}@0{when}" for kind in ATTACKS for when in ("", ":once")]
 
 
-def attacked_run(strategy: str, case: str, out: Path, robust_clip: float = 10.0) -> dict[str, Any]:
+def attacked_run(
+    strategy: str, case: str, out: Path, robust_clip: float = 10.0, combine: str = "mean"
+) -> dict[str, Any]:
     """One run of the matrix: its final accuracy and status, and the attacker's rejected and clipped replies."""
     config = RunConfig.from_mapping(
         dict(strategy=strategy, dataset="digits", model="softmax", num_clients=5, rounds=4, lr=LR.get(strategy, 0.01),
              eval_samples=0, func_inputs=50, attack="" if case == "honest" else case, robust_clip=robust_clip,
+             combine=combine,
              out=str(out / strategy / case.replace("@", "-").replace(":", "-")))
     )  # fmt: skip
     run(config)
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--robust-clip", type=float, default=10.0)
+    parser.add_argument("--combine", default="mean", help="the server's combination (fedvb.core.robust)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| strategy | " + " | ".join(CASES) + " |")
     print("|" + "---|" * (len(CASES) + 1))
     for strategy in args.strategies.split(","):
-        cells = [cell(attacked_run(strategy, case, out, args.robust_clip)) for case in CASES]
+        cells = [cell(attacked_run(strategy, case, out, args.robust_clip, args.combine)) for case in CASES]
         print(f"| {strategy} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

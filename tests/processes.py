@@ -70,7 +70,7 @@ def ray_head(*, num_cpus: int = 2, dashboard: bool = False) -> Iterator[dict]:
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp}"]  # fmt: skip
-    info = {"address": f"127.0.0.1:{port}", "env": env, "temp": temp}
+    info: dict = {"address": f"127.0.0.1:{port}", "env": env, "temp": temp}
     if dashboard:
         dashboard_port = free_port()
         command += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
@@ -81,6 +81,7 @@ def ray_head(*, num_cpus: int = 2, dashboard: bool = False) -> Iterator[dict]:
         command.append("--include-dashboard=false")
     log = open(temp / "ray-start.log", "w")
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    info["session"] = head.pid  # every process of this head (GCS, raylet, workers) is in its session
     try:
         _wait_for_start(head, temp / "ray-start.log", timeout_s=180)
         if dashboard:
@@ -122,3 +123,21 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, *, timeout_s
                 return
         time.sleep(0.5)
     raise TimeoutError(f"port {port} did not open within {timeout_s} s: {log.read_text()[-2000:]}")
+
+
+def session_pids(session: int, command_prefix: str) -> list[int]:
+    """PIDs of this user in process session ``session`` whose command line starts with ``command_prefix``
+    (Ray names its workers' processes after what they run, e.g. ``ray::ClientAppActor``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid() or os.getsid(int(entry.name)) != session:
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if command.startswith(command_prefix):
+            found.append(int(entry.name))
+    return sorted(found)

@@ -145,6 +145,9 @@ BAD_INPUTS = [
     # numbers that are not finite
     *[(["--set", f"{key}={value}"], f"{key}: must be a finite number, got {value}") for key, value in NON_FINITE],
     (["--set", "robust_clip=-1"], "robust_clip: must be >= 0, got -1.0"),
+    (["--set", "combine=average"], "combine: got 'average'; allowed: 'mean', 'trimmed', 'median'"),
+    (["--set", "combine_trim=0.5"], "combine_trim: must be < 0.5, got 0.5"),
+    (["--set", "strategy=bayes-admm-newton", "--set", "combine=median"], "combine: median combines precisions"),
     (["--set", "ivon_beta2=1"], "ivon_beta2: must be < 1, got 1.0"),
     (["--set", "ivon_mc_samples=0"], "ivon_mc_samples: must be >= 1, got 0"),
     (["--set", "ivon_kernel=gpu"], "ivon_kernel: got 'gpu'; allowed: 'auto', 'torch', 'native'"),

@@ -71,6 +71,32 @@ def test_partial_participation_matches_the_plain_loop(strategy, tmp_path):
         np.testing.assert_allclose(z["mean"], plain_loop_mean(config), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "bayes-admm-newton"])  # dense: refused
+@pytest.mark.parametrize("combine", ["trimmed", "median"])
+def test_robust_combinations_over_flower_match_the_plain_loop_and_differ_from_the_mean(strategy, combine, tmp_path):
+    config = small_config(strategy, tmp_path, combine=combine, rounds=2)
+    run(config)
+    with np.load(tmp_path / strategy / "posterior.npz") as z:
+        np.testing.assert_allclose(z["mean"], plain_loop_mean(config), rtol=1e-6, atol=1e-7)
+        robust = z["mean"]
+    # the combination is used: on 5 heterogeneous clients it is not the plain average
+    assert np.linalg.norm(robust - plain_loop_mean(config.replace(combine="mean"))) > 1e-6
+
+
+def test_library_code_leaves_torchs_thread_count_alone(tmp_path):
+    """Only fedvb's entry points (the CLI, flwr run's apps, its Ray actors) pin one thread per process; a
+    user's own program that runs fedvb keeps its own setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run(small_config("fedavg", tmp_path, rounds=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bayes_admm_newton_over_flower_is_exact_on_linear_regression(tmp_path):
     """One round of the dense Newton variant with rho = 1/K gives the exact posterior, through Flower."""
     rng = np.random.default_rng(0)

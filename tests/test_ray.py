@@ -1,6 +1,10 @@
 """The ray backend, attached by address to a real local Ray cluster, gives the in-process numbers."""
 
 import json
+import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,14 +12,19 @@ import pytest
 
 from fedvb.backends import run
 from fedvb.config import STRATEGIES, RunConfig
-from tests.processes import ray_head
+from tests.processes import ray_head, session_pids
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_head_info():
     """A Ray head on loopback in its own temp dir; only its own processes are stopped afterwards."""
     with ray_head(num_cpus=2) as head:
-        yield head["address"]
+        yield head
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head_info):
+    return ray_head_info["address"]
 
 
 def completed(folder: Path) -> Path:
@@ -83,3 +92,53 @@ def test_a_sweep_on_ray_gives_the_numbers_of_a_sweep_in_process(ray_cluster, tmp
     for folder in sorted((tmp_path / "i").glob("*/seed*")):
         twin = tmp_path / "r" / folder.relative_to(tmp_path / "i")
         assert metric_rows(twin) == metric_rows(folder)
+
+
+def small_ray_run(ray_cluster: str, out: Path, **values) -> RunConfig:
+    base = dict(strategy="ivon-admm", dataset="synthetic-logistic", model="softmax", num_clients=5, rounds=4,
+                lr=0.002, ivon_beta2=0.999, local_epochs=2, batch_size=16, eval_samples=0, backend="ray",
+                ray_address=ray_cluster, out=str(out))  # fmt: skip
+    return RunConfig.from_mapping({**base, **values})
+
+
+def test_a_killed_actor_is_replaced_and_its_client_runs_again(ray_head_info, tmp_path, caplog):
+    """SIGKILL one ClientAppActor after round 1: the next message on it fails, the actor is replaced, the
+    client runs again on the new one, and the run gives the uninterrupted numbers, status completed."""
+    config = small_ray_run(ray_head_info["address"], tmp_path / "killed")
+    killed = []
+
+    def kill_an_actor(row):
+        if row.get("round") == 1 and not killed:
+            actors = session_pids(ray_head_info["session"], "ray::ClientAppActor")
+            assert actors, "no ClientAppActor process found in the test's own Ray session"
+            os.kill(actors[0], signal.SIGKILL)
+            killed.append(actors[0])
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{actors[0]}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    with caplog.at_level(logging.WARNING, logger="fedvb.ray_backend"):
+        run(config, report=kill_an_actor)
+    assert killed and any("replaced it" in r.getMessage() for r in caplog.records)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rejected_replies"] == 0, summary
+    run(config.replace(backend="inprocess", ray_address="", out=str(tmp_path / "inprocess")))
+    assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "inprocess")
+
+
+def test_a_timeout_under_ray_counts_from_the_clients_start_and_is_recorded(ray_cluster, tmp_path):
+    """client_timeout_s = 2 under Ray: start-up does not count (round 1 is not lost), the stalled clients
+    (a 'timeout' fault sleeps twice the limit) are recorded in rejected with the reason, and the same clients
+    are lost as in process; the run ends completed_with_losses."""
+    config = small_ray_run(ray_cluster, tmp_path / "ray", client_timeout_s=2.0, faults="timeout=0.25")
+    run(config)
+    run(config.replace(backend="inprocess", ray_address="", out=str(tmp_path / "inprocess")))
+    rows = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    local = [json.loads(line) for line in (tmp_path / "inprocess" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    lost = [sorted(e["client"] for e in r["rejected"]) for r in rows]
+    assert any(lost) and len(lost[0]) < 5, lost  # some clients stalled; round 1 was not lost to start-up
+    assert lost == [sorted(e["client"] for e in r["rejected"]) for r in local]
+    assert all("timed out" in e["reason"] for r in rows for e in r["rejected"]), rows
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["status"] == "completed_with_losses"

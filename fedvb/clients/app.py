@@ -34,7 +34,10 @@ def _trainer(key: str, partition_id: int):
     return make_trainer(config_from_json(key), partition_id)
 
 
-def make_client_app() -> ClientApp:
+def make_client_app(*, torch_threads: int | None = None) -> ClientApp:
+    """fedvb's ClientApp. ``torch_threads``: set torch's thread count before each client trains (the
+    ``app`` that ``flwr run`` loads uses 1: one client per worker process); ``None`` leaves the process's
+    setting alone, as library code must (the CLI and fedvb's Ray actors set it in their entry points)."""
     app = ClientApp()
 
     @app.query()
@@ -46,9 +49,10 @@ def make_client_app() -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        import torch
+        if torch_threads is not None:
+            import torch
 
-        torch.set_num_threads(1)  # one thread per client process: two are several times slower here
+            torch.set_num_threads(torch_threads)  # one thread per client process: two are several times slower
         key = str(msg.content["config"][CONFIG_KEY])
         config = config_from_json(key)
         partition_id = _partition(context)
@@ -80,4 +84,4 @@ def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-app = make_client_app()
+app = make_client_app(torch_threads=1)  # the ClientApp `flwr run` loads (pyproject.toml)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
-from fedvb.core.robust import clip_to_cohort
+from fedvb.core.robust import MEAN, Combination, clip_to_cohort
 from fedvb.core.trainers import TorchTrainer
 
 __all__ = [
@@ -62,6 +62,7 @@ class Algorithm(ABC):
     name: str
     uncertainty = False  # True when the server's Gaussian is a posterior worth sampling for predictions
     robust_clip = 0.0  # bound on one reply's change, in medians of the cohort's (fedvb.core.robust); 0: none
+    combination: Combination = MEAN  # what replaces each average over the cohort (fedvb.core.robust)
     clipped: tuple = ()  # the clients whose replies the last server round clipped
 
     @abstractmethod
@@ -141,10 +142,9 @@ class Algorithm(ABC):
         return None
 
 
-def _weighted_mean(replies: dict[Any, Arrays], key: str) -> Tensor:
+def _weighted_mean(replies: dict[Any, Arrays], key: str, combination: Combination) -> Tensor:
     weights = torch.stack([r["num_examples"].double() for r in replies.values()])
-    stacked = torch.stack([r[key].double() for r in replies.values()])
-    return (weights[:, None] * stacked).sum(0) / weights.sum()
+    return combination.mean([r[key] for r in replies.values()], weights)
 
 
 class BayesADMM(Algorithm):
@@ -313,8 +313,9 @@ class BayesADMM(Algorithm):
         if not posteriors and self.preset.mixing(num_clients) < 1:
             return ServerState({**server.arrays, "round": next_round}, server.sites)
         new = aggregate(
-            prior, posteriors, all_sites, alpha=self.preset.mixing(num_clients), precision_floor=self.precision_floor
-        )
+            prior, posteriors, all_sites, alpha=self.preset.mixing(num_clients), precision_floor=self.precision_floor,
+            combination=self.combination,
+        )  # fmt: skip
         return ServerState({"mean": new.mean, "precision": new.precision, "round": next_round}, sites)
 
     def server_posterior(self, server):
@@ -368,8 +369,8 @@ class FedLapFunc(BayesADMM):
         new = super().server_round(server, replies, num_clients)
         if not replies or self.weight == 0:
             return new
-        weights = torch.stack([r["num_examples"].double() for r in replies.values()])
-        soft = sum(w * r["soft_labels"] for w, r in zip(weights, replies.values())) / weights.sum()
+        soft = _weighted_mean(replies, "soft_labels", self.combination)
+        soft = soft / soft.sum(-1, keepdim=True)  # a trimmed or median combination need not sum to one
         anchor = new.arrays["mean"]
         theta = anchor.clone().float().requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=self.lr)
@@ -404,7 +405,7 @@ class FedAvg(Algorithm):
         if not replies:
             return server
         replies = self.bound(server, replies)
-        return ServerState({"mean": _weighted_mean(replies, "mean").to(server.arrays["mean"])})
+        return ServerState({"mean": _weighted_mean(replies, "mean", self.combination).to(server.arrays["mean"])})
 
 
 class FedProx(FedAvg):
@@ -451,9 +452,10 @@ class FedDyn(Algorithm):
             return server
         replies = self.bound(server, replies)
         w_bar = server.arrays["mean"]
-        drift = sum(r["mean"] - w_bar for r in replies.values())
+        average = self.combination.mean([r["mean"] for r in replies.values()]).to(w_bar)
+        drift = len(replies) * (average - w_bar)  # sum_S (w_k - w_bar)
         h = server.arrays["_h"] - self.alpha / num_clients * drift
-        mean = torch.stack([r["mean"] for r in replies.values()]).mean(0) - h / self.alpha
+        mean = average - h / self.alpha
         return ServerState({"mean": mean, "_h": h})
 
 
@@ -492,7 +494,8 @@ class FedADMM(Algorithm):
         if not replies:
             return server
         replies = self.bound(server, replies)
-        step = sum(r["delta"] for r in replies.values())
+        mean = server.arrays["mean"]
+        step = len(replies) * self.combination.mean([r["delta"] for r in replies.values()]).to(mean)
         return ServerState({"mean": server.arrays["mean"] + self.server_lr / num_clients * step})
 
 
@@ -527,8 +530,9 @@ class Scaffold(Algorithm):
         if not replies:
             return server
         replies = self.bound(server, replies)
-        dy = torch.stack([r["delta_mean"] for r in replies.values()]).mean(0)
-        dc = torch.stack([r["delta_control"] for r in replies.values()]).mean(0)
+        mean = server.arrays["mean"]
+        dy = self.combination.mean([r["delta_mean"] for r in replies.values()]).to(mean)
+        dc = self.combination.mean([r["delta_control"] for r in replies.values()]).to(mean)
         return ServerState(
             {
                 "mean": server.arrays["mean"] + self.server_lr * dy,

@@ -35,9 +35,8 @@ from fedvb.core.gaussian import (
     Family,
     Gaussian,
     NaturalParams,
-    mean_natural,
-    sum_natural,
 )
+from fedvb.core.robust import MEAN, Combination
 
 __all__ = [
     "PRESETS",
@@ -101,6 +100,7 @@ def aggregate(
     *,
     alpha: float,
     precision_floor: float | None = None,
+    combination: Combination = MEAN,
 ) -> Gaussian:
     """Server update ``lambda_bar = (1 - alpha) mean_{k in R} lambda_k + alpha (lambda_0 + sum_{k=1..K} v_k)``.
 
@@ -118,16 +118,19 @@ def aggregate(
     raised to at least this value (the documented guard against one coordinate's
     precision collapsing, docs/algorithms.md §9); when ``None`` a non-positive
     result raises :class:`~fedvb.core.gaussian.NonPositivePrecisionError`.
+
+    ``combination`` replaces the site sum and the posterior average by their robust versions
+    (:class:`~fedvb.core.robust.Combination`; the default is the plain sum and mean).
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if not sites:
         raise ValueError("aggregate needs the sites of all clients (got none)")
-    natural = prior.natural() + sum_natural(list(sites))
+    natural = prior.natural() + combination.natural_sum(sites)
     if alpha < 1.0:
         if not client_posteriors:
             raise ValueError("aggregate: alpha < 1 needs at least one client posterior this round")
-        average = mean_natural([q.natural() for q in client_posteriors])
+        average = combination.natural_mean([q.natural() for q in client_posteriors])
         natural = (1.0 - alpha) * average + alpha * natural
     if precision_floor is not None:
         clamped = natural.family.clamp(natural.quadratic, precision_floor)

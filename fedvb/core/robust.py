@@ -20,14 +20,38 @@ That is not always so: on the README's main job (IVON-ADMM, 10 heterogeneous dig
 10 clips one honest client in 9 of 10 rounds (final accuracy 0.9415 against 0.9443), so clipping is off by
 default (``robust_clip = 0``) and a choice; the other checks (sites, example counts) are always on. With
 fewer than 3 replies nothing is clipped: there is no honest majority to anchor a median.
+
+``Combination``: what the server uses in place of each (weighted) average or sum over the cohort. ``mean``
+is the algorithm's own average, bit for bit. ``trimmed`` drops, coordinate by coordinate, the ``t``
+smallest and ``t`` largest of the ``n`` values (``t = max(1, floor(trim * n))`` once ``n >= 3``, at most
+``(n - 1) // 2``) and averages the rest with their weights; ``median`` is the coordinate-wise median.
+
+Guarantee: with at most ``t`` crafted replies (``f < n/2`` for ``median``), every coordinate of the
+combination lies between the smallest and the largest honest value of that coordinate, whatever the
+crafted replies hold (each kept value is bracketed by honest values, because at most ``t`` values above
+and ``t`` below any kept one can be crafted). A sum over ``n`` terms is ``n`` times the combination. For
+natural parameters the linear and the quadratic part are combined coordinate by coordinate; with an
+isotropic or diagonal family the combined precision is then positive, because every honest one is. A
+dense precision combined entry by entry need not be positive definite (the aggregation would fail), so the
+configuration refuses ``trimmed`` and ``median`` with a dense family.
+
+Cost: on heterogeneous clients the trimmed values are real information, so an honest run moves (the
+trimmed mean is biased towards the cohort's centre); ``benchmarks/results/robust.md`` gives the figures.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-__all__ = ["clip_to_cohort"]
+from fedvb.core.gaussian import NaturalParams, mean_natural, sum_natural
+
+__all__ = ["COMBINATIONS", "MEAN", "Combination", "clip_to_cohort"]
+
+COMBINATIONS = ("mean", "trimmed", "median")
 
 
 def clip_to_cohort(changes: list[Tensor], sizes: list[float], factor: float) -> list[Tensor]:
@@ -39,3 +63,62 @@ def clip_to_cohort(changes: list[Tensor], sizes: list[float], factor: float) -> 
     bound = factor * norms.median() * (n / n.median()).clamp_min(1.0)
     scale = torch.where(norms > bound, bound / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
     return [c if s >= 1.0 else c * s.to(c.dtype) for c, s in zip(changes, scale)]
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How the server combines the cohort's tensors (the module docstring): ``rule`` one of
+    :data:`COMBINATIONS`, ``trim`` the fraction dropped at each end by ``trimmed``."""
+
+    rule: str = "mean"
+    trim: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.rule not in COMBINATIONS:
+            raise ValueError(f"combine: unknown {self.rule!r}; allowed: {', '.join(COMBINATIONS)}")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError(f"combine_trim must be in [0, 0.5), got {self.trim}")
+
+    def trimmed_count(self, n: int) -> int:
+        """How many values ``trimmed`` drops at each end of ``n``."""
+        if n < 3:
+            return 0
+        return min(max(1, int(self.trim * n)), (n - 1) // 2)
+
+    def mean(self, tensors: Sequence[Tensor], weights: Sequence[float] | Tensor | None = None) -> Tensor:
+        """The combined (weighted) average of ``tensors`` (same shape): float64 when weighted or robust, else
+        in the tensors' dtype (the plain mean, as the algorithms always computed it)."""
+        if weights is None and (self.rule == "mean" or len(tensors) < 3):
+            return torch.stack(list(tensors)).mean(0)
+        stacked = torch.stack([t.double() for t in tensors])
+        w = (torch.ones(len(tensors), dtype=torch.float64) if weights is None
+             else torch.as_tensor(weights, dtype=torch.float64).reshape(-1).to(stacked.device))  # fmt: skip
+        if self.rule == "mean" or len(tensors) < 3:
+            return (w[:, None] * stacked.reshape(len(tensors), -1)).sum(0).reshape(stacked.shape[1:]) / w.sum()
+        if self.rule == "median":
+            ordered, n = stacked.sort(dim=0).values, len(tensors)
+            return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+        t = self.trimmed_count(len(tensors))
+        order = stacked.argsort(dim=0)  # per coordinate, the replies from smallest to largest
+        kept = order[t : len(tensors) - t]
+        values = stacked.gather(0, kept)
+        kept_w = w[kept]  # each kept value's own weight
+        return (kept_w * values).sum(0) / kept_w.sum(0)
+
+    def natural_mean(self, items: Sequence[NaturalParams]) -> NaturalParams:
+        """The combined average of natural parameters (linear and quadratic part each coordinate-wise)."""
+        if self.rule == "mean":
+            return mean_natural(list(items))
+        like = items[0]
+        linear = self.mean([i.linear for i in items]).to(like.linear)
+        quadratic = self.mean([i.quadratic for i in items]).to(like.quadratic)
+        return NaturalParams(linear, quadratic, like.family)
+
+    def natural_sum(self, items: Sequence[NaturalParams]) -> NaturalParams:
+        """``len(items)`` times :meth:`natural_mean` (the plain sum for ``mean``)."""
+        if self.rule == "mean":
+            return sum_natural(list(items))
+        return self.natural_mean(items) * float(len(items))
+
+
+MEAN = Combination("mean")  # the algorithms' own averages

@@ -37,24 +37,31 @@ Reporter = Callable[[dict[str, Any]], None]
 
 
 def run_server(
-    grid: Grid, config: RunConfig, *, resume: bool = False, overwrite: bool = False, report: Reporter | None = None
+    grid: Grid,
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    report: Reporter | None = None,
+    round_deadline: bool = True,
 ) -> RunFolder:
     """Run rounds up to ``config.rounds`` on ``grid`` (from the checkpoint's next round when ``resume``) and
     write the run folder (replacing a run there only when ``overwrite``). ``report`` gets every metrics row
-    as it is logged, and ``{"event": "clients", ...}`` progress within a round (progress displays)."""
-    import torch
-
-    torch.set_num_threads(1)
+    as it is logged, and ``{"event": "clients", ...}`` progress within a round (progress displays).
+    ``round_deadline``: ``client_timeout_s`` is also the grid's deadline for a round's replies; ``False``
+    where the backend limits each client itself (:mod:`fedvb.ray_backend`)."""
     strategy = make_strategy(config)
     folder = RunFolder(config, resume=resume, overwrite=overwrite)
     try:
-        _run_rounds(grid, config, strategy, folder, report)
+        _run_rounds(grid, config, strategy, folder, report, round_deadline)
     finally:
         folder.close()
     return folder
 
 
-def _run_rounds(grid: Grid, config: RunConfig, strategy, folder: RunFolder, report: Reporter | None) -> None:
+def _run_rounds(
+    grid: Grid, config: RunConfig, strategy, folder: RunFolder, report: Reporter | None, round_deadline: bool
+) -> None:
     first_round, elapsed_before = 1, 0.0
     if folder.resumed is not None:
         strategy.load_state_dict(folder.resumed["strategy"])
@@ -69,7 +76,7 @@ def _run_rounds(grid: Grid, config: RunConfig, strategy, folder: RunFolder, repo
     for server_round in range(first_round, config.rounds + 1):
         round_started = time.perf_counter()
         try:
-            retries = _train_round(grid, strategy, config, server_round)
+            retries = _train_round(grid, strategy, config, server_round, round_deadline)
         except RoundFailed as error:
             log.error("%s; stopping (state of round %d kept in the checkpoint)", error, server_round - 1)
             status = {"status": "stopped", "reason": str(error)}
@@ -111,9 +118,9 @@ def _sampled_posterior(strategy):
     return strategy.posterior() if strategy.algorithm.uncertainty else None
 
 
-def _train_round(grid: Grid, strategy, config: RunConfig, server_round: int) -> int:
+def _train_round(grid: Grid, strategy, config: RunConfig, server_round: int, round_deadline: bool) -> int:
     """One training round, retried up to ``round_retries`` times; returns the retries used."""
-    timeout = config.client_timeout_s or None
+    timeout = (config.client_timeout_s or None) if round_deadline else None
     for attempt in range(config.round_retries + 1):
         messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({"attempt": attempt}), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
@@ -161,17 +168,22 @@ def make_server_app(
     resume: bool = False,
     overwrite: bool = False,
     report: Reporter | None = None,
+    round_deadline: bool = True,
 ) -> ServerApp:
     """A ServerApp for ``config``; without one it reads the run configuration (``flwr run``), where ``{run_id}``
     in ``out`` becomes Flower's run id (the app's default ``runs/flwr/{run_id}``: one folder per run), every
-    round is logged, and a stopped run raises :class:`RunStopped` so that Flower reports it failed."""
+    round is logged, and a stopped run raises :class:`RunStopped` so that Flower reports it failed.
+    ``round_deadline``: as in :func:`run_server`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if config is not None:
-            run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
+            run_server(grid, config, resume=resume, overwrite=overwrite, report=report, round_deadline=round_deadline)
             return
+        import torch
+
+        torch.set_num_threads(1)  # flwr run's server process is fedvb's entry point: one thread, as the CLI
         values = dict(context.run_config)
         values["out"] = str(values.get("out", "runs/flwr/{run_id}")).replace("{run_id}", str(context.run_id))
         folder = run_server(grid, RunConfig.from_mapping(values), report=log_round)

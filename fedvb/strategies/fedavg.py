@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import FedAvg as FedAvgAlgorithm
 from fedvb.core.algorithms import ServerState
-from fedvb.experiment import initial_mean
+from fedvb.experiment import initial_mean, with_defences
 from fedvb.records import from_array_record, to_array_record
 from fedvb.strategies.base import ReplyScreen
 
@@ -33,8 +33,7 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
             self, fraction_train=config.fraction_train, fraction_evaluate=0.0, arrayrecord_key="payload"
         )
         ReplyScreen.__init__(self, config)
-        self.algorithm = FedAvgAlgorithm()
-        self.algorithm.robust_clip = config.robust_clip
+        self.algorithm = with_defences(FedAvgAlgorithm(), config)
         self._mean = initial_mean(config)
 
     def initial_arrays(self) -> ArrayRecord:
@@ -68,6 +67,10 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
             if bounded[k]["mean"] is not reply["mean"]:  # clipped: Flower averages what the message holds
                 message.content["reply"] = to_array_record({"mean": bounded[k]["mean"]})
         arrays, metrics = super().aggregate_train(server_round, [message for message, _, _ in accepted.values()])
+        if arrays is not None and self.algorithm.combination.rule != "mean":  # Flower's average is the plain one
+            means = [reply["mean"] for reply in bounded.values()]
+            sizes = [float(reply["num_examples"]) for reply in bounded.values()]
+            arrays = to_array_record({"mean": self.algorithm.combination.mean(means, sizes).to(self._mean)})
         self.commit_states(accepted, self.algorithm, server)
         self.round_log["clipped"] = list(self.algorithm.clipped)
         if arrays is not None:
