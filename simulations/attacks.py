@@ -22,8 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedvb.backends import run
-from fedvb.config import STRATEGIES, RunConfig
+from fedvb.config import STRATEGIES, ConfigError, RunConfig
 from fedvb.faults import ATTACKS
 
 LR = {"fedlap": 0.002, "fedlap-cov": 0.002, "pvi": 0.002}
@@ -64,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combine", default="mean", help="the server's combination (fedvb.core.robust)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as fedvb's CLI: one thread per process, so the numbers are the CLI's
     logging.getLogger("flwr").setLevel(logging.ERROR)
     logging.getLogger("fedvb").setLevel(logging.ERROR)
     out = Path(args.out or tempfile.mkdtemp(prefix="fedvb-attacks-"))
     print("| strategy | " + " | ".join(CASES) + " |")
     print("|" + "---|" * (len(CASES) + 1))
     for strategy in args.strategies.split(","):
-        cells = [cell(attacked_run(strategy, case, out, args.robust_clip, args.combine)) for case in CASES]
+        try:
+            cells = [cell(attacked_run(strategy, case, out, args.robust_clip, args.combine)) for case in CASES]
+        except ConfigError as error:  # a combination the strategy refuses (a dense family)
+            cells = [f"refused ({error.field})"] * len(CASES)
         print(f"| {strategy} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

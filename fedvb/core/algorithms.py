@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedvb.core.client_solvers import SOLVERS, ClientSolver
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
 from fedvb.core.robust import MEAN, Combination, clip_to_cohort
@@ -150,11 +151,9 @@ def _weighted_mean(replies: dict[Any, Arrays], key: str, combination: Combinatio
 class BayesADMM(Algorithm):
     """The BayesADMM machinery for any preset (docs/algorithms.md §2).
 
-    ``solver``: ``exact`` (closed form / Newton; linear or softmax models),
-    ``laplace`` (MAP with Adam/SGD, then the diagonal GGN on the client's own
-    data; ``point_estimate`` presets skip the curvature) or ``ivon``.  The
-    server starts at ``N(initial_mean, delta^-1)`` (the model's initialisation)
-    while the prior is ``N(0, delta^-1 I)``.
+    ``solver``: the client step (:mod:`fedvb.core.client_solvers`: exact, Laplace or IVON; or its name).
+    The server starts at ``N(initial_mean, delta^-1)`` (the model's initialisation) while the prior is
+    ``N(0, delta^-1 I)``.
     """
 
     def __init__(
@@ -162,12 +161,17 @@ class BayesADMM(Algorithm):
         preset: Preset,
         *,
         prior_precision: float,
-        solver: str,
+        solver: ClientSolver | str,
         temperature: float = 1.0,
         precision_floor: float | None = None,
     ) -> None:
-        if solver not in ("exact", "laplace", "ivon"):
-            raise ValueError(f"solver: unknown {solver!r}; allowed: exact, laplace, ivon")
+        if isinstance(solver, str):
+            if solver not in SOLVERS:
+                raise ValueError(f"solver: unknown {solver!r}; allowed: {', '.join(SOLVERS)}")
+            solver = SOLVERS[solver]
+        problem = solver.supports(preset.family)
+        if problem is not None:
+            raise ValueError(f"solver: {solver.name} cannot serve the {preset.family.name} family ({problem})")
         self.preset, self.solver = preset, solver
         self.name = preset.name
         # FedLap's fixed precision is a prior scale, not a posterior: no predictive sampling for it.
@@ -183,37 +187,19 @@ class BayesADMM(Algorithm):
         return ServerState({"mean": initial_mean.clone(), "precision": prior.precision.clone(), "round": round_zero})
 
     def client_round(self, payload, state, trainer, *, generator):
-        family, rho = self.preset.family, self.preset.rho
+        family = self.preset.family
         server = Gaussian(payload["mean"], payload["precision"], family)
         site = (
             NaturalParams(state["site_linear"], state["site_quadratic"], family)
             if state
             else NaturalParams.zeros(server.dim, family, dtype=server.dtype)
         )
-        new_state: Arrays = {}
-        if self.solver == "exact":
-            posterior = trainer.exact(
-                server, site, rho=rho, temperature=self.temperature, point_estimate=self.preset.point_estimate
-            )
-        elif self.solver == "ivon":
-            ivon_state = {k: v for k, v in state.items() if k.startswith("ivon_")}
-            posterior, new_state = trainer.ivon(
-                server, site, rho=rho, temperature=self.temperature, generator=generator, state=ivon_state,
-                first_round=int(payload["round"]) == 0,
-            )  # fmt: skip
-            posterior = posterior.to(server.dtype)
-        else:
-            cavity = rho * server.natural() - site
-            mean = trainer.map(server.mean, cavity, temperature=self.temperature, generator=generator)
-            mean = mean.to(server.mean)  # the server's dtype and device (the trainer may be on a GPU)
-            if self.preset.point_estimate:
-                posterior = Gaussian(mean, server.precision, family)
-            else:
-                curvature = trainer.curvature(mean).to(server.mean)
-                if family is ISOTROPIC:
-                    curvature = curvature.mean()
-                precision = server.precision + (curvature / self.temperature - site.quadratic) / rho
-                posterior = Gaussian(mean, precision, family)
+        posterior, new_state = self.solver.solve(
+            trainer, server, site, rho=self.preset.rho, temperature=self.temperature,
+            point_estimate=self.preset.point_estimate, generator=generator, state=state,
+            first_round=int(payload["round"]) == 0,
+        )  # fmt: skip
+        new_state = dict(new_state)
         new_site = self.preset.update_site(site, posterior, server)
         reply = {
             "mean": posterior.mean,

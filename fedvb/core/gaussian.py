@@ -111,6 +111,11 @@ class Family(ABC):
         """
 
     @abstractmethod
+    def from_diagonal(self, diagonal: Tensor) -> Tensor:
+        """``project(diag(diagonal))`` without forming the matrix: a diagonal curvature (the diagonal GGN of
+        the Laplace clients) in this family's layout."""
+
+    @abstractmethod
     def second_moment(self, mean: Tensor, precision: Tensor) -> Tensor:
         """``E[stat]`` where ``stat`` is paired with the quadratic part (without the -1/2).
 
@@ -165,6 +170,9 @@ class Isotropic(Family):
     def project(self, matrix):
         return torch.diagonal(matrix).mean()
 
+    def from_diagonal(self, diagonal):
+        return diagonal.mean()
+
     def second_moment(self, mean, precision):
         return mean.numel() / precision + mean @ mean
 
@@ -214,6 +222,9 @@ class Diagonal(Family):
 
     def project(self, matrix):
         return torch.diagonal(matrix).clone()
+
+    def from_diagonal(self, diagonal):
+        return diagonal
 
     def second_moment(self, mean, precision):
         return 1.0 / precision + mean * mean
@@ -275,6 +286,9 @@ class Dense(Family):
 
     def project(self, matrix):
         return 0.5 * (matrix + matrix.T)
+
+    def from_diagonal(self, diagonal):
+        return torch.diag(diagonal)
 
     def second_moment(self, mean, precision):
         return torch.cholesky_inverse(torch.linalg.cholesky(precision)) + torch.outer(mean, mean)

@@ -37,6 +37,7 @@ __all__ = [
     "SoftmaxRegressionClient",
     "client_posterior",
     "local_penalty",
+    "posterior_from_curvature",
     "softmax_loss_grad_hessian",
     "solve_linear_regression",
     "solve_softmax_regression",
@@ -73,11 +74,21 @@ def client_posterior(
     temperature: float,
     point_estimate: bool,
 ) -> Gaussian:
-    """``N(mean, S_k^-1)`` with ``S_k = S_bar + (project(H) / tau - V) / rho`` (or ``S_bar``)."""
+    """``N(mean, S_k^-1)`` with ``S_k = S_bar + (project(H) / tau - V) / rho`` (or ``S_bar``), for a dense
+    Hessian ``H`` of the summed loss."""
     if point_estimate:
         return Gaussian(mean, server.precision, server.family)
-    curvature = server.family.project(loss_hessian) / temperature - site.quadratic
-    precision = server.precision + curvature / rho
+    return posterior_from_curvature(
+        server, site, mean, server.family.project(loss_hessian), rho=rho, temperature=temperature
+    )
+
+
+def posterior_from_curvature(
+    server: Gaussian, site: NaturalParams, mean: Tensor, curvature: Tensor, *, rho: float, temperature: float
+) -> Gaussian:
+    """``N(mean, S_k^-1)`` with ``S_k = S_bar + (C / tau - V) / rho`` for a curvature ``C`` already in the
+    family's layout (docs/algorithms.md §3): the one client-precision formula every solver uses."""
+    precision = server.precision + (curvature / temperature - site.quadratic) / rho
     problem = server.family.positivity_problem(precision)
     if problem is not None:
         raise NonPositivePrecisionError(f"client posterior: {problem}")

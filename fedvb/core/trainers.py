@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from fedvb.core.gaussian import DIAGONAL, ISOTROPIC, Gaussian, NaturalParams
 from fedvb.core.ivon import IVON
@@ -76,8 +76,15 @@ class TorchTrainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def set_flat(self, theta: Tensor) -> None:
+        """Copy ``theta`` into the parameters. A copy, not ``vector_to_parameters``: that makes each parameter
+        a view of ``theta`` when dtype and device already match, and training would then write into the
+        caller's tensor (the server's mean of a float64 run)."""
         with torch.no_grad():
-            vector_to_parameters(theta.to(self.device, self.dtype), self._params())
+            flat = theta.to(self.device, self.dtype)
+            start = 0
+            for param in self._params():
+                param.copy_(flat[start : start + param.numel()].view_as(param))
+                start += param.numel()
 
     def get_flat(self) -> Tensor:
         return parameters_to_vector(self._params()).detach().clone()
@@ -152,7 +159,7 @@ class TorchTrainer:
             return out.reshape(-1) if self.task == "regression" else torch.log_softmax(out, -1)
 
         jacobian = torch.func.vmap(torch.func.jacrev(outputs), in_dims=(None, 0))
-        total = torch.zeros(sum(p.numel() for p in params.values()), device=self.device)
+        total = torch.zeros(sum(p.numel() for p in params.values()), device=self.device, dtype=self.dtype)
         with torch.no_grad():
             for start in range(0, self.num_examples, self.settings.curvature_batch):
                 xb = self.x[start : start + self.settings.curvature_batch]

@@ -1,0 +1,109 @@
+"""The client step of the BayesADMM family as one protocol with three solvers: exact, Laplace, IVON.
+
+Client ``k`` receives the server's Gaussian ``q_bar = N(m_bar, S_bar^-1)`` and holds its site ``(v, V)``; a
+solver returns its new posterior ``q_k`` (docs/algorithms.md §2-§4):
+
+- :data:`EXACT`: closed form (linear regression) or Newton (softmax regression) on the cavity objective;
+  exact for every family, the dense Newton variant's solver (docs/algorithms.md §3);
+- :data:`LAPLACE`: MAP by the trainer's optimizer on ``loss / tau`` plus the cavity ``rho lambda_bar - v``
+  (:func:`~fedvb.core.solvers.local_penalty`), then the precision from the diagonal GGN at the mode, put
+  in the family's layout (:meth:`~fedvb.core.gaussian.Family.from_diagonal`) and turned into a client
+  precision by the one formula (:func:`~fedvb.core.solvers.posterior_from_curvature`); a point-estimate
+  preset (FedLap, federated ADMM) keeps the server's precision and skips the curvature;
+- :data:`IVON`: IVON with the server as its prior and start and the site as duals (docs/algorithms.md §4);
+  its momentum and step counter are the solver's state across rounds.
+
+Every solver has the same signature, so :class:`~fedvb.core.algorithms.BayesADMM` calls the one it holds
+without asking which it is, on the plain-loop driver and the Flower path alike.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from fedvb.core.gaussian import DENSE, Family, Gaussian, NaturalParams
+from fedvb.core.solvers import local_penalty, posterior_from_curvature
+from fedvb.core.trainers import TorchTrainer
+
+__all__ = ["EXACT", "IVON", "LAPLACE", "SOLVERS", "ClientSolver", "ExactSolver", "IVONSolver", "LaplaceSolver"]
+
+State = dict[str, Tensor]
+
+
+class ClientSolver(Protocol):
+    """One way to compute a client's posterior in the BayesADMM client step."""
+
+    name: str
+
+    def supports(self, family: Family) -> str | None:
+        """Why this solver cannot serve ``family`` (``None``: it can)."""
+
+    def solve(
+        self,
+        trainer: TorchTrainer,
+        server: Gaussian,
+        site: NaturalParams,
+        *,
+        rho: float,
+        temperature: float,
+        point_estimate: bool,
+        generator: torch.Generator,
+        state: State,
+        first_round: bool,
+    ) -> tuple[Gaussian, State]:
+        """The client's posterior (in the server's dtype and device) and the solver's new state."""
+
+
+class ExactSolver:
+    """Closed form / Newton on the client's whole data set (models ``linear`` and ``softmax``)."""
+
+    name = "exact"
+
+    def supports(self, family: Family) -> str | None:
+        return None
+
+    def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
+        posterior = trainer.exact(server, site, rho=rho, temperature=temperature, point_estimate=point_estimate)
+        return posterior, {}
+
+
+class LaplaceSolver:
+    """MAP on the cavity objective, then the diagonal GGN at the mode (docs/algorithms.md §5)."""
+
+    name = "laplace"
+
+    def supports(self, family: Family) -> str | None:
+        return None
+
+    def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
+        cavity = local_penalty(server, site, rho)
+        mean = trainer.map(server.mean, cavity, temperature=temperature, generator=generator)
+        mean = mean.to(server.mean)  # the server's dtype and device (the trainer may be on a GPU)
+        if point_estimate:
+            return Gaussian(mean, server.precision, server.family), {}
+        curvature = server.family.from_diagonal(trainer.curvature(mean).to(server.mean))
+        return posterior_from_curvature(server, site, mean, curvature, rho=rho, temperature=temperature), {}
+
+
+class IVONSolver:
+    """IVON with the server as prior and start, ``ess = N / rho`` (docs/algorithms.md §4)."""
+
+    name = "ivon"
+
+    def supports(self, family: Family) -> str | None:
+        return "IVON keeps a diagonal Hessian estimate; a dense family needs exact" if family is DENSE else None
+
+    def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
+        ivon_state = {k: v for k, v in state.items() if k.startswith("ivon_")}
+        posterior, new_state = trainer.ivon(
+            server, site, rho=rho, temperature=temperature, generator=generator, state=ivon_state,
+            first_round=first_round,
+        )  # fmt: skip
+        return posterior.to(server.dtype), new_state
+
+
+EXACT, LAPLACE, IVON = ExactSolver(), LaplaceSolver(), IVONSolver()
+SOLVERS: dict[str, ClientSolver] = {solver.name: solver for solver in (EXACT, LAPLACE, IVON)}
