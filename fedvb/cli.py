@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedvb.config import ConfigError, RunConfig, describe_fields
+from fedvb.config import ConfigError, RunConfig, describe_algorithms, describe_fields
 from fedvb.progress import MODES, RunDisplay, SweepDisplay
 
 __all__ = ["main"]
@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one experiment. Settings come from the defaults, then CONFIG.toml, then the flags "
         "and --set key=value overrides.",
-        epilog="configuration keys (TOML or --set), default, meaning:\n" + describe_fields(),
+        epilog="strategies (fedvb.core.registry):\n"
+        + describe_algorithms()
+        + "\n\nconfiguration keys (TOML or --set), default, meaning:\n"
+        + describe_fields(),
     )
     run.add_argument("config", nargs="?", help="a TOML file of configuration keys")
     run.add_argument(

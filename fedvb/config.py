@@ -14,15 +14,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedvb.core.gaussian import DENSE
+from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM
 from fedvb.core.robust import COMBINATIONS
 
-__all__ = ["STRATEGIES", "ConfigError", "RunConfig", "describe_fields"]
+__all__ = ["STRATEGIES", "ConfigError", "RunConfig", "algorithm_rows", "describe_algorithms", "describe_fields"]
 
-STRATEGIES = (
-    "fedavg", "fedprox", "feddyn", "fedadmm", "scaffold",
-    "fedlap", "fedlap-cov", "fedlap-func", "ivon-admm", "bayes-admm-newton", "pvi",
-)  # fmt: skip
-BASELINES = ("fedavg", "fedprox", "feddyn", "fedadmm", "scaffold")
+STRATEGIES = tuple(ALGORITHMS)  # the registry's order (fedvb.core.registry)
 BACKENDS = ("inprocess", "ray")
 OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("", "exact", "laplace", "ivon")
@@ -30,15 +28,7 @@ FAMILIES = ("", "isotropic", "diagonal", "dense")
 IVON_KERNELS = ("auto", "torch", "native")
 LOGGERS = ("", "tensorboard")
 # the client solver of each BayesADMM preset when the solver key is left empty
-DEFAULT_SOLVER = {
-    "fedlap": "laplace",
-    "fedlap-cov": "laplace",
-    "fedlap-func": "laplace",
-    "ivon-admm": "ivon",
-    "bayes-admm-newton": "exact",
-    "pvi": "laplace",
-}
-BAYES_ADMM = tuple(DEFAULT_SOLVER)
+DEFAULT_SOLVER = {name: ALGORITHMS[name].solver.name for name in BAYES_ADMM}
 PROVENANCE = "provenance"  # the table of a saved config.toml that records what produced the run
 
 
@@ -94,7 +84,10 @@ class RunConfig:
     damping: float = field(default=1.0, metadata=_meta("gamma: dual step damping", gt=0, max=1))
     alpha: float = field(default=0.0, metadata=_meta("server mixing; 0 means 1/(1 + K rho)", ge=0, max=1))
     temperature: float = field(default=1.0, metadata=_meta("tau: likelihood temperature", gt=0))
-    family: str = field(default="", metadata=_meta("pvi's Gaussian family; default diagonal", choices=FAMILIES))
+    family: str = field(
+        default="",
+        metadata=_meta("Gaussian family of pvi, bayes-admm and bregman-admm; default diagonal", choices=FAMILIES),
+    )
     solver: str = field(default="", metadata=_meta("client solver of BayesADMM presets", choices=SOLVERS))
     precision_floor: float = field(default=0.0, metadata=_meta("lower bound on server precision; 0: none", ge=0))
     local_epochs: int = field(default=1, metadata=_meta("local epochs per round", min=1))
@@ -240,10 +233,7 @@ class RunConfig:
             raise ConfigError("hidden", f"comma-separated positive integers, got {self.hidden!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError("device", f"got {self.device!r}; allowed: cpu, cuda, cuda:N, auto")
-        if self.strategy == "bayes-admm-newton" and self.solver not in ("", "exact"):
-            raise ConfigError("solver", "bayes-admm-newton (dense family) needs the exact solver")
-        if self.strategy == "ivon-admm" and self.solver not in ("", "ivon"):
-            raise ConfigError("solver", "ivon-admm uses the ivon solver")
+        self._validate_algorithm()
         participants = max(1, int(round(self.fraction_train * self.num_clients)))
         if self.min_replies > participants:
             raise ConfigError(
@@ -255,6 +245,24 @@ class RunConfig:
             if tensorboard_missing():
                 raise ConfigError("log", tensorboard_missing())
         self._validate_faults()
+
+    def _validate_algorithm(self) -> None:
+        """The solver and family keys against the strategy's registry entry (fedvb.core.registry)."""
+        entry = ALGORITHMS[self.strategy]
+        if entry.kind != "bayes-admm":
+            return
+        try:
+            solver = entry.solver_named(self.solver)
+        except ValueError as error:
+            raise ConfigError("solver", str(error)) from None
+        if self.family and entry.family is not None:
+            free = ", ".join(n for n in BAYES_ADMM if ALGORITHMS[n].family is None)
+            raise ConfigError("family", f"{self.strategy} has the {entry.family.name} family; the key chooses the "
+                              f"family of {free}")  # fmt: skip
+        family = entry.family_for(self)
+        problem = solver.supports(family)
+        if problem is not None:
+            raise ConfigError("solver", f"{solver.name} cannot serve the {family.name} family ({problem})")
 
     def _validate_faults(self) -> None:
         from fedvb.faults import parse_attack, parse_faults
@@ -275,7 +283,8 @@ class RunConfig:
             raise ConfigError(
                 "faults", f"negative-precision needs a strategy that sends a precision, not {self.strategy}"
             )
-        if self.combine != "mean" and (self.strategy == "bayes-admm-newton" or self.family == "dense"):
+        entry = ALGORITHMS[self.strategy]
+        if self.combine != "mean" and entry.kind == "bayes-admm" and entry.family_for(self) is DENSE:
             raise ConfigError(
                 "combine", f"{self.combine} combines precisions entry by entry, which need not keep a dense one "
                 "positive definite; allowed with a dense family: 'mean'"
@@ -340,14 +349,16 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
 
 # Keys that only some strategies read (every other key applies to every strategy). ``fedvb compare`` names a
 # setting by the keys that differ *and* apply to it.
+def _strategies_reading(key: str) -> tuple[str, ...]:
+    return tuple(name for name, entry in ALGORITHMS.items() if key in entry.keys)
+
+
+# which strategies each strategy-specific key changes (from the registry)
 STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
-    "prior_precision": BAYES_ADMM, "damping": BAYES_ADMM, "temperature": BAYES_ADMM, "solver": BAYES_ADMM,
-    "precision_floor": BAYES_ADMM, "rho": ("ivon-admm", "bayes-admm-newton"),
-    "alpha": ("ivon-admm", "bayes-admm-newton"),
-    "family": ("pvi",), "proximal_mu": ("fedprox",), "feddyn_alpha": ("feddyn",), "admm_rho": ("fedadmm",),
-    "server_lr": ("fedadmm", "scaffold"), "func_inputs": ("fedlap-func",), "func_weight": ("fedlap-func",),
-    "func_steps": ("fedlap-func",), "func_lr": ("fedlap-func",),
-    "eval_samples": ("fedlap-cov", "ivon-admm", "bayes-admm-newton", "pvi"),
+    **{key: BAYES_ADMM for key in ("prior_precision", "damping", "temperature", "solver", "precision_floor")},
+    **{key: _strategies_reading(key) for key in (
+        "rho", "alpha", "family", "proximal_mu", "feddyn_alpha", "admm_rho", "server_lr", "func_inputs",
+        "func_weight", "func_steps", "func_lr", "eval_samples")},
 }  # fmt: skip
 IVON_KEYS = ("ivon_hess_init", "ivon_beta2", "ivon_mc_samples", "ivon_kernel")  # with the ivon solver
 LOCAL_TRAINING_KEYS = ("local_epochs", "lr", "batch_size")  # all but the exact solver
@@ -367,6 +378,27 @@ def applies(key: str, config: dict[str, Any]) -> bool:
     if key in MAP_KEYS:
         return solver in ("map", "laplace")
     return True
+
+
+def algorithm_rows() -> list[tuple[str, str, str, str, str]]:
+    """``(strategy, family, client solver, what it is, docs/algorithms.md section)`` per registry entry: the
+    README's strategy table and ``--help``."""
+    rows = []
+    for name, entry in ALGORITHMS.items():
+        if entry.kind == "bayes-admm":
+            family = entry.family.name if entry.family else "any (diagonal)"
+            solvers = ", ".join(s.name + (" (default)" if s is entry.solver and len(entry.solvers) > 1 else "")
+                                for s in entry.solvers)  # fmt: skip
+        else:
+            family, solvers = "point estimate", "map"
+        rows.append((name, family, solvers, entry.summary, entry.section))
+    return rows
+
+
+def describe_algorithms() -> str:
+    """The registry's strategies, one line each, for ``--help``."""
+    return "\n".join(f"  {name:18s} {summary} [family {family}; solver {solvers}]"
+                     for name, family, solvers, summary, _ in algorithm_rows())  # fmt: skip
 
 
 def describe_fields() -> str:

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedvb.config import DEFAULT_SOLVER, ConfigError, RunConfig
-from fedvb.core.algorithms import Algorithm, BayesADMM, FedADMM, FedAvg, FedDyn, FedLapFunc, FedProx, Scaffold
-from fedvb.core.duality import Preset
-from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, family_by_name
+from fedvb.config import ConfigError, RunConfig
+from fedvb.core.algorithms import Algorithm, BayesADMM, FedLapFunc
+from fedvb.core.client_solvers import EXACT
+from fedvb.core.gaussian import DENSE, Gaussian
+from fedvb.core.registry import ALGORITHMS, BayesADMMSpec
 from fedvb.core.robust import Combination
 from fedvb.core.trainers import LocalSettings, TorchTrainer
 from fedvb.data import GENERATED, Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
@@ -60,7 +61,7 @@ def _key(config: RunConfig) -> str:
     keys = ("dataset", "data", "model", "num_clients", "seed", "data_dir", "preprocessing", "partition",
             "partition_alpha", "hidden", "activation", "data_fraction", "local_test_fraction")  # fmt: skip
     values = {k: getattr(config, k) for k in keys}
-    values["func_inputs"] = config.func_inputs if config.strategy == "fedlap-func" else 0
+    values["func_inputs"] = config.func_inputs if getattr(ALGORITHMS[config.strategy], "function_space", False) else 0
     if config.data:  # the file's identity too: a rewritten file must not be served from the cache
         try:
             stat = Path(config.data).stat()
@@ -314,28 +315,11 @@ def with_defences(algorithm: Algorithm, config: RunConfig) -> Algorithm:
 
 
 def _algorithm(config: RunConfig) -> Algorithm:
-    name = config.strategy
-    if name == "fedavg":
-        return FedAvg()
-    if name == "fedprox":
-        return FedProx(config.proximal_mu)
-    if name == "feddyn":
-        return FedDyn(config.feddyn_alpha)
-    if name == "fedadmm":
-        return FedADMM(config.admm_rho, config.server_lr)
-    if name == "scaffold":
-        return Scaffold(config.server_lr)
-    alpha = config.alpha or None
-    presets = {
-        "fedlap": Preset("fedlap", ISOTROPIC, 1.0, config.damping, 1.0, point_estimate=True),
-        "fedlap-cov": Preset("fedlap-cov", DIAGONAL, 1.0, config.damping, 1.0),
-        "fedlap-func": Preset("fedlap-func", ISOTROPIC, 1.0, config.damping, 1.0, point_estimate=True),
-        "ivon-admm": Preset("ivon-admm", DIAGONAL, config.rho, config.damping, alpha),
-        "bayes-admm-newton": Preset("bayes-admm-newton", DENSE, config.rho, config.damping, alpha),
-        "pvi": Preset("pvi", family_by_name(config.family or "diagonal"), 1.0, config.damping, 1.0),
-    }
-    solver = config.solver or DEFAULT_SOLVER[name]
-    if solver == "exact" and prepare(config).model_name not in ("linear", "softmax"):
+    entry = ALGORITHMS[config.strategy]
+    if not isinstance(entry, BayesADMMSpec):
+        return entry.build(config)
+    solver = entry.solver_named(config.solver)
+    if solver is EXACT and prepare(config).model_name not in ("linear", "softmax"):
         raise ConfigError("solver", f"the exact solver needs model linear or softmax, got {prepare(config).model_name}")
     common = dict(
         prior_precision=config.prior_precision,
@@ -343,15 +327,15 @@ def _algorithm(config: RunConfig) -> Algorithm:
         temperature=config.temperature,
         precision_floor=config.precision_floor or None,
     )
-    if name == "fedlap-func":
+    if entry.function_space:
         prepared = prepare(config)
         if prepared.dataset.task != "classification":
-            raise ConfigError("strategy", "fedlap-func needs a classification dataset (soft labels)")
+            raise ConfigError("strategy", f"{config.strategy} needs a classification dataset (soft labels)")
         return FedLapFunc(
-            presets[name], inputs=torch.as_tensor(prepared.unlabelled), weight=config.func_weight,
+            entry.preset(config), inputs=torch.as_tensor(prepared.unlabelled), weight=config.func_weight,
             steps=config.func_steps, lr=config.func_lr, model=_eval_trainer(_key(config), "cpu"), **common,
         )  # fmt: skip
-    return BayesADMM(presets[name], **common)
+    return BayesADMM(entry.preset(config), **common)
 
 
 def client_generator(config: RunConfig, server_round: int, partition_id: int) -> torch.Generator:

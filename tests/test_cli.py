@@ -103,7 +103,10 @@ BAD_INPUTS = [
         ["--dataset", "digits", "--set", "partition=iid", "--num-clients", "2000"],
         "num_clients: 2000 clients for 1438 training rows",
     ),  # fmt: skip
-    (["--strategy", "bayes-admm-newton", "--set", "solver=ivon"], "solver: bayes-admm-newton (dense family)"),
+    (
+        ["--strategy", "bayes-admm-newton", "--set", "solver=ivon"],
+        "solver: bayes-admm-newton allows the solvers exact, not 'ivon'",
+    ),
     (["--strategy", "fedlap-func", "--dataset", "synthetic-linear", "--num-clients", "4"], "func_inputs: must be <"),
     (["--set", "min_replies=11"], "min_replies: must be <= the 10 clients sampled per round, got 11"),
     (["--set", "round_retries=-1"], "round_retries: must be >= 0, got -1"),
@@ -158,7 +161,12 @@ BAD_INPUTS = [
     (["--set", "seed=-1"], "seed: must be >= 0, got -1"),
     (["--set", "local_epochs=0"], "local_epochs: must be >= 1, got 0"),
     (["--set", "client_gpus=-1"], "client_gpus: must be >= 0, got -1.0"),
-    (["--strategy", "ivon-admm", "--set", "solver=laplace"], "solver: ivon-admm uses the ivon solver"),
+    (
+        ["--strategy", "ivon-admm", "--set", "solver=laplace"],
+        "solver: ivon-admm allows the solvers ivon, not 'laplace'",
+    ),
+    (["--strategy", "pvi", "--set", "family=dense", "--set", "solver=ivon"], "solver: ivon cannot serve the dense"),
+    (["--strategy", "fedlap", "--set", "family=dense"], "family: fedlap has the isotropic family"),
     # models, devices and data that cannot work together
     (["--dataset", "synthetic-logistic", "--model", "zenke-cnn"], "model: zenke-cnn needs image inputs"),
     (["--dataset", "synthetic-logistic", "--model", "resnet20"], "model: resnet20"),

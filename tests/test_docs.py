@@ -27,3 +27,13 @@ def test_section_references_into_the_algorithms_document_exist():
     for path in TEXT:
         for number in re.findall(r"docs/algorithms\.md §(\d+)", path.read_text(errors="replace")):
             assert number in sections, f"{path.relative_to(ROOT)} cites docs/algorithms.md §{number}"
+
+
+def test_the_readme_strategy_table_is_the_registry():
+    from fedvb.config import algorithm_rows
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| strategy | family | client solver | what it is | docs/algorithms.md |")
+    lines = readme[start:].split("\n\n")[0].splitlines()[2:]
+    rows = [tuple(cell.strip().strip("`") for cell in line.strip("|").split(" | ")) for line in lines]
+    assert rows == algorithm_rows()

@@ -1,0 +1,132 @@
+"""Every algorithm fedvb runs, each as one typed value: the registry the CLI, the configuration, ``--help``,
+the README's table and both drivers read.
+
+A BayesADMM-family entry (:class:`BayesADMMSpec`) holds its Gaussian family (or ``None``: the ``family``
+key chooses, diagonal by default), its default client solver and the solvers it allows
+(:mod:`fedvb.core.client_solvers`), its site step (natural or expectation parameters), whether its
+clients keep the server's precision (point estimates), and which of ``rho`` and ``alpha`` it fixes; it
+builds the :class:`~fedvb.core.duality.Preset` from the run's hyperparameters. A baseline
+(:class:`BaselineSpec`) builds its :class:`~fedvb.core.algorithms.Algorithm` from them. The maths of each
+is in docs/algorithms.md (the section each entry cites).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from fedvb.core.algorithms import Algorithm, FedADMM, FedAvg, FedDyn, FedProx, Scaffold
+from fedvb.core.client_solvers import EXACT, IVON, LAPLACE, SOLVERS, ClientSolver
+from fedvb.core.duality import Preset
+from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Family, family_by_name
+
+__all__ = ["ALGORITHMS", "BASELINES", "BAYES_ADMM", "BaselineSpec", "BayesADMMSpec", "Hyperparameters"]
+
+
+class Hyperparameters(Protocol):
+    """The hyperparameters an algorithm may read (``fedvb.config.RunConfig`` has them all)."""
+
+    rho: float
+    damping: float
+    alpha: float  # 0: 1 / (1 + K rho)
+    family: str  # "": the entry's default
+    proximal_mu: float
+    feddyn_alpha: float
+    admm_rho: float
+    server_lr: float
+
+
+@dataclass(frozen=True)
+class BayesADMMSpec:
+    """One member of the BayesADMM family (the module docstring)."""
+
+    name: str
+    summary: str
+    section: str  # of docs/algorithms.md
+    solver: ClientSolver
+    family: Family | None = None  # None: the `family` key chooses (DIAGONAL when empty)
+    solvers: tuple[ClientSolver, ...] = (EXACT, LAPLACE, IVON)
+    fixed_rho: float | None = None  # None: the `rho` key
+    fixed_alpha: float | None = None  # None: the `alpha` key (0: 1 / (1 + K rho))
+    point_estimate: bool = False
+    dual_space: Literal["natural", "expectation"] = "natural"
+    function_space: bool = False  # FedLap-Func: the server also fits soft labels on unlabelled inputs
+    kind: str = "bayes-admm"
+
+    def family_for(self, hyper: Hyperparameters) -> Family:
+        return self.family or family_by_name(hyper.family or "diagonal")
+
+    def preset(self, hyper: Hyperparameters) -> Preset:
+        rho = hyper.rho if self.fixed_rho is None else self.fixed_rho
+        alpha = (hyper.alpha or None) if self.fixed_alpha is None else self.fixed_alpha
+        return Preset(self.name, self.family_for(hyper), rho, hyper.damping, alpha, dual_space=self.dual_space,
+                      point_estimate=self.point_estimate)  # fmt: skip
+
+    def solver_named(self, name: str) -> ClientSolver:
+        """The client solver ``name`` ("" for the default), or ValueError naming the allowed ones."""
+        if not name:
+            return self.solver
+        allowed = [s.name for s in self.solvers]
+        if name not in allowed:
+            raise ValueError(f"{self.name} allows the solvers {', '.join(allowed)}, not {name!r}")
+        return SOLVERS[name]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The configuration keys this entry reads beyond the whole family's (prior, damping, ...)."""
+        keys = [k for k, free in (("rho", self.fixed_rho is None), ("alpha", self.fixed_alpha is None),
+                                  ("family", self.family is None)) if free]  # fmt: skip
+        if self.function_space:
+            keys += ["func_inputs", "func_weight", "func_steps", "func_lr"]
+        if not self.point_estimate:
+            keys.append("eval_samples")  # a posterior worth sampling for predictions
+        return tuple(keys)
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A point-estimate baseline from its paper (docs/algorithms.md §7)."""
+
+    name: str
+    summary: str
+    section: str
+    build: Callable[[Hyperparameters], Algorithm]
+    keys: tuple[str, ...] = ()
+    kind: str = "baseline"
+
+
+_ENTRIES: tuple[BayesADMMSpec | BaselineSpec, ...] = (
+    BaselineSpec("fedavg", "FedAvg (McMahan et al. 2017): example-weighted average of local models", "§7",
+                 lambda h: FedAvg()),
+    BaselineSpec("fedprox",
+                 "FedProx (Li et al. 2020): local proximal term, mu/2 times the squared distance to w_bar", "§7",
+                 lambda h: FedProx(h.proximal_mu), ("proximal_mu",)),
+    BaselineSpec("feddyn", "FedDyn (Acar et al. 2021): dynamic regulariser, server correction h", "§7",
+                 lambda h: FedDyn(h.feddyn_alpha), ("feddyn_alpha",)),
+    BaselineSpec("fedadmm", "FedADMM (Gong et al. 2022): primal-dual clients, server step on augmented models",
+                 "§7", lambda h: FedADMM(h.admm_rho, h.server_lr), ("admm_rho", "server_lr")),
+    BaselineSpec("scaffold", "SCAFFOLD (Karimireddy et al. 2020), option II control variates", "§7",
+                 lambda h: Scaffold(h.server_lr), ("server_lr",)),
+    BayesADMMSpec("fedlap", "FedLap: isotropic fixed precision, MAP clients, site-sum server", "§5", LAPLACE,
+                  ISOTROPIC, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True),
+    BayesADMMSpec("fedlap-cov", "FedLap-Cov: diagonal Laplace clients (diagonal GGN), site-sum server", "§5",
+                  LAPLACE, DIAGONAL, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0),
+    BayesADMMSpec("fedlap-func", "FedLap-Func: FedLap plus a function-space fit to clients' soft labels", "§5",
+                  LAPLACE, ISOTROPIC, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True,
+                  function_space=True),
+    BayesADMMSpec("ivon-admm", "IVON-ADMM: diagonal BayesADMM with IVON clients", "§4", IVON, DIAGONAL, (IVON,)),
+    BayesADMMSpec("bayes-admm-newton", "BayesADMM, Newton-like: dense family, exact / Newton clients", "§3",
+                  EXACT, DENSE, (EXACT,)),
+    BayesADMMSpec("pvi", "Partitioned VI: alpha = 1, rho = 1, any family", "§6", LAPLACE, None,
+                  fixed_rho=1.0, fixed_alpha=1.0),
+    BayesADMMSpec("bayes-admm", "BayesADMM over any family and client solver", "§2", LAPLACE, None),
+    BayesADMMSpec("federated-admm", "Federated ADMM: isotropic point estimates (alpha = 1: Tseng's AMA)", "§6",
+                  LAPLACE, ISOTROPIC, (EXACT, LAPLACE), point_estimate=True),
+    BayesADMMSpec("bregman-admm", "Bregman ADMM: the dual step in expectation parameters", "§6", LAPLACE, None,
+                  dual_space="expectation"),
+)  # fmt: skip
+
+ALGORITHMS: dict[str, BayesADMMSpec | BaselineSpec] = {entry.name: entry for entry in _ENTRIES}
+BAYES_ADMM = tuple(name for name, entry in ALGORITHMS.items() if isinstance(entry, BayesADMMSpec))
+BASELINES = tuple(name for name, entry in ALGORITHMS.items() if isinstance(entry, BaselineSpec))
