@@ -77,6 +77,9 @@ class InProcessGrid(Grid):
         for message in messages:
             self._counter += 1
             message_id = f"inprocess-{self._counter}"
+            # Flower 1.42 has no public setter for a message's id and run id (Metadata exposes them read-only);
+            # its own grids and SuperLink state write these same fields (flwr/superlink/grid/inmemory_grid.py),
+            # so this runtime does as they do.
             message.metadata.__dict__["_message_id"] = message_id
             message.metadata.__dict__["_run_id"] = self._run.run_id
             self._replies[message_id] = self._execute(message)

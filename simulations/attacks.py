@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from study import start_study
 
 from fedvb.backends import run
 from fedvb.config import STRATEGIES, ConfigError, RunConfig
@@ -66,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combine", default="mean", help="the server's combination (fedvb.core.robust)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as fedvb's CLI: one thread per process, so the numbers are the CLI's
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    logging.getLogger("fedvb").setLevel(logging.ERROR)
-    out = Path(args.out or tempfile.mkdtemp(prefix="fedvb-attacks-"))
+    out = start_study(args.out, "fedvb-attacks-")
     print("| strategy | " + " | ".join(CASES) + " |")
     print("|" + "---|" * (len(CASES) + 1))
     for strategy in args.strategies.split(","):

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
+from study import start_study
 
 from fedvb.backends import run
 from fedvb.config import RunConfig
@@ -33,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=62)
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as fedvb's CLI: one thread per process, so the numbers are the CLI's
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    logging.getLogger("fedvb").setLevel(logging.ERROR)
-    out = Path(args.out or tempfile.mkdtemp(prefix="fedvb-robust-"))
+    out = start_study(args.out, "fedvb-robust-")
     print(f"Fashion-MNIST heterogeneous, K = 10, 10% of the data, {args.rounds} rounds, seed {args.seed}, no attacker")
     print()
     print("| strategy | combine | accuracy | NLL | ECE | replies rejected | vs mean |")

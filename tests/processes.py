@@ -27,11 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pids_mentioning(marker: str) -> list[int]:
-    """PIDs (of this user, not this one) whose command line contains ``marker``, read from /proc; a marker
-    ending in a digit (a port) must not run on into more digits (":5842" is not ":58421")."""
-    pattern = re.compile(re.escape(marker) + (r"(?!\d)" if marker[-1:].isdigit() else ""))
-    found = []
+def _own_processes() -> Iterator[tuple[int, str]]:
+    """``(pid, command line)`` of every process of this user but this one, read from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -41,9 +38,14 @@ def pids_mentioning(marker: str) -> list[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        if pattern.search(command):
-            found.append(int(entry.name))
-    return found
+        yield int(entry.name), command
+
+
+def pids_mentioning(marker: str) -> list[int]:
+    """PIDs (of this user, not this one) whose command line contains ``marker``; a marker ending in a digit
+    (a port) must not run on into more digits (":5842" is not ":58421")."""
+    pattern = re.compile(re.escape(marker) + (r"(?!\d)" if marker[-1:].isdigit() else ""))
+    return [pid for pid, command in _own_processes() if pattern.search(command)]
 
 
 def stop_pids_mentioning(marker: str, *, grace_s: float = 5.0) -> None:
@@ -129,15 +131,10 @@ def session_pids(session: int, command_prefix: str) -> list[int]:
     """PIDs of this user in process session ``session`` whose command line starts with ``command_prefix``
     (Ray names its workers' processes after what they run, e.g. ``ray::ClientAppActor``)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid, command in _own_processes():
         try:
-            if entry.stat().st_uid != os.getuid() or os.getsid(int(entry.name)) != session:
-                continue
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if command.startswith(command_prefix) and os.getsid(pid) == session:
+                found.append(pid)
         except OSError:  # gone meanwhile
             continue
-        if command.startswith(command_prefix):
-            found.append(int(entry.name))
     return sorted(found)
