@@ -281,15 +281,20 @@ def partition_sizes(config: RunConfig) -> dict[int, int]:
     return {k: len(rows) for k, rows in enumerate(prepare(config).parts)}
 
 
-def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
-    prepared = prepare(config)
-    rows = prepared.parts[partition_id]
-    dataset = prepared.dataset
-    settings = LocalSettings(
+def local_settings(config: RunConfig) -> LocalSettings:
+    """How each client trains locally under ``config``."""
+    return LocalSettings(
         lr=config.lr, local_epochs=config.local_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
         ivon_hess_init=config.ivon_hess_init, ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples,
         ivon_kernel=config.ivon_kernel,
     )  # fmt: skip
+
+
+def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
+    prepared = prepare(config)
+    rows = prepared.parts[partition_id]
+    dataset = prepared.dataset
+    settings = local_settings(config)
     model = build_run_model(config, prepared)
     return TorchTrainer(
         model,
@@ -301,10 +306,11 @@ def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
     )
 
 
-def make_algorithm(config: RunConfig) -> Algorithm:
+def make_algorithm(config: RunConfig, *, with_data: bool = True) -> Algorithm:
     """The configuration's algorithm, its replies bounded by ``robust_clip`` and combined by ``combine``
-    (:mod:`fedvb.core.robust`)."""
-    return with_defences(_algorithm(config), config)
+    (:mod:`fedvb.core.robust`). ``with_data=False``: build it from the hyperparameters alone, for a user's
+    own model and data (fedvb's dataset is not loaded; FedLap-Func, which needs it, is refused)."""
+    return with_defences(_algorithm(config, with_data), config)
 
 
 def with_defences(algorithm: Algorithm, config: RunConfig) -> Algorithm:
@@ -314,12 +320,14 @@ def with_defences(algorithm: Algorithm, config: RunConfig) -> Algorithm:
     return algorithm
 
 
-def _algorithm(config: RunConfig) -> Algorithm:
+def _algorithm(config: RunConfig, with_data: bool) -> Algorithm:
     entry = ALGORITHMS[config.strategy]
     if not isinstance(entry, BayesADMMSpec):
         return entry.build(config)
     solver = entry.solver_named(config.solver)
-    if solver is EXACT and prepare(config).model_name not in ("linear", "softmax"):
+    if not with_data and entry.function_space:
+        raise ConfigError("strategy", f"{config.strategy} needs fedvb's data (held-out inputs for the server)")
+    if with_data and solver is EXACT and prepare(config).model_name not in ("linear", "softmax"):
         raise ConfigError("solver", f"the exact solver needs model linear or softmax, got {prepare(config).model_name}")
     common = dict(
         prior_precision=config.prior_precision,

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedvb.experiment import client_generator, make_algorithm, make_trainer
+from fedvb.clients.api import partition_of, partition_reply, reply_to
+from fedvb.experiment import make_algorithm, make_trainer
 from fedvb.faults import attack_reply, before_training, choose_fault, corrupt_reply
-from fedvb.records import CONFIG_KEY, config_from_json, from_array_record, split_reply, to_array_record
+from fedvb.records import CONFIG_KEY, config_from_json
 
 __all__ = ["app", "make_client_app"]
 
@@ -43,9 +44,7 @@ def make_client_app(*, torch_threads: int | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Tell the server which partition this node holds (Flower does not)."""
-        from flwr.app import MetricRecord
-
-        return Message(RecordDict({"info": MetricRecord({"partition-id": _partition(context)})}), reply_to=msg)
+        return partition_reply(msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -55,33 +54,24 @@ def make_client_app(*, torch_threads: int | None = None) -> ClientApp:
             torch.set_num_threads(torch_threads)  # one thread per client process: two are several times slower
         key = str(msg.content["config"][CONFIG_KEY])
         config = config_from_json(key)
-        partition_id = _partition(context)
+        partition_id = partition_of(context)
         server_round, attempt = int(msg.content["config"]["server-round"]), int(msg.content["config"]["attempt"])
         fault = choose_fault(
             config.faults, seed=config.seed, server_round=server_round, attempt=attempt, partition_id=partition_id
         )
         before_training(fault, config.client_timeout_s)
         algorithm, trainer = _algorithm(key), _trainer(key, partition_id)
-        state = from_array_record(msg.content["state"]) if "state" in msg.content else {}
-        payload = from_array_record(msg.content["payload"])
-        reply, new_state = algorithm.client_round(
-            payload, state, trainer, generator=client_generator(config, server_round, partition_id)
-        )
-        reply = attack_reply(
-            config.attack, corrupt_reply(fault, reply), payload, server_round=server_round, partition_id=partition_id,
-            consistent=lambda crafted: algorithm.consistent_reply(payload, state, crafted),
-        )  # fmt: skip
-        arrays, metrics = split_reply(reply, partition_id)
-        content = RecordDict({"reply": arrays, "metrics": metrics})
-        if new_state:
-            content["state"] = to_array_record(new_state)
-        return Message(content, reply_to=msg)
+
+        def tamper(reply, payload, state):
+            def consistent(crafted):
+                return algorithm.consistent_reply(payload, state, crafted)
+
+            return attack_reply(config.attack, corrupt_reply(fault, reply), payload, server_round=server_round,
+                                partition_id=partition_id, consistent=consistent)  # fmt: skip
+
+        return reply_to(msg, config, algorithm, trainer, partition_id, tamper=tamper)
 
     return app
-
-
-def _partition(context: Context) -> int:
-    return int(context.node_config["partition-id"])
 
 
 app = make_client_app(torch_threads=1)  # the ClientApp `flwr run` loads (pyproject.toml)

@@ -98,11 +98,12 @@ class ReplyScreen:
     """What every fedvb strategy does around the algorithm: address clients, carry their state, screen
     replies, count bytes.  ``client_states`` and ``traffic`` are read by checkpoints and the run log."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, known_examples: dict[int, int] | None = None) -> None:
         self.config = config
         self.addressing = PartitionAddressing(config)
         self.client_states: dict[int, Arrays] = {}
-        self.known_examples: dict[int, int] = partition_sizes(config)  # what each client's reply may claim
+        # what each client's reply may claim: the partition sizes of fedvb's data, else what the caller knows
+        self.known_examples = partition_sizes(config) if known_examples is None else dict(known_examples)
         self.round_log: dict[str, Any] = {}
         self._asked: set[int] = set()
 
@@ -178,10 +179,20 @@ class ReplyScreen:
 class AlgorithmStrategy(ReplyScreen, Strategy):
     """Any fedvb algorithm as a Flower strategy; the server state lives on the instance."""
 
-    def __init__(self, config: RunConfig, algorithm: Algorithm | None = None) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: RunConfig,
+        algorithm: Algorithm | None = None,
+        *,
+        start: Tensor | None = None,
+        known_examples: dict[int, int] | None = None,
+    ) -> None:
+        """``start``: the flat initial model (default: fedvb's model for ``config``); ``known_examples``: each
+        client's example count, checked against its replies (default: fedvb's partition sizes)."""
+        super().__init__(config, known_examples)
         self.algorithm = algorithm or make_algorithm(config)
-        self.server: ServerState = self.algorithm.init_server(initial_mean(config), config.num_clients)
+        mean = initial_mean(config) if start is None else start.detach().double()
+        self.server: ServerState = self.algorithm.init_server(mean, config.num_clients)
 
     # -- what the ServerApp reads --------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:

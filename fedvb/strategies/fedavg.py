@@ -14,6 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from torch import Tensor
 
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import FedAvg as FedAvgAlgorithm
@@ -28,13 +29,16 @@ __all__ = ["FedAvg"]
 class FedAvg(ReplyScreen, FlowerFedAvg):
     """Flower's FedAvg with fedvb's client addressing and screen; the replies' ``reply`` record is averaged."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(
+        self, config: RunConfig, *, start: Tensor | None = None, known_examples: dict[int, int] | None = None
+    ) -> None:
+        """``start`` and ``known_examples`` as for :class:`~fedvb.strategies.base.AlgorithmStrategy`."""
         FlowerFedAvg.__init__(
             self, fraction_train=config.fraction_train, fraction_evaluate=0.0, arrayrecord_key="payload"
         )
-        ReplyScreen.__init__(self, config)
+        ReplyScreen.__init__(self, config, known_examples)
         self.algorithm = with_defences(FedAvgAlgorithm(), config)
-        self._mean = initial_mean(config)
+        self._mean = initial_mean(config) if start is None else start.detach().double()
 
     def initial_arrays(self) -> ArrayRecord:
         return to_array_record({"mean": self._mean})

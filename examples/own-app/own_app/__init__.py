@@ -1,0 +1,1 @@
+"""A Flower app of its own: a small CNN and data made on the fly, trained by a fedvb strategy."""
