@@ -157,7 +157,11 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, rep
 
     from fedvb.ray_backend import installed
 
-    init_args = {"address": config.ray_address} if config.ray_address else {"include_dashboard": False}
+    # Without ray_address, a private Ray of our own: "local" starts one even where another cluster runs on this
+    # machine or RAY_ADDRESS names one (a bare ray.init() would attach to it, and to the code its workers hold).
+    init_args = (
+        {"address": config.ray_address} if config.ray_address else {"address": "local", "include_dashboard": False}
+    )
     backend_config = {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
         "init_args": init_args,

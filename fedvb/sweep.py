@@ -88,7 +88,8 @@ def run_grid(
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of our own when no address is given, never someone else's cluster on this machine
+        ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(_run_one)
         pending = {remote.remote(c.as_dict(), overwrite): c.out for c in configs}

@@ -142,3 +142,14 @@ def test_a_timeout_under_ray_counts_from_the_clients_start_and_is_recorded(ray_c
     assert all("timed out" in e["reason"] for r in rows for e in r["rejected"]), rows
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["status"] == "completed_with_losses"
+
+
+def test_a_private_ray_never_attaches_to_another_cluster_on_the_machine(ray_head_info, tmp_path, monkeypatch):
+    """backend = ray without ray_address starts a Ray of its own even while another cluster runs here and
+    RAY_ADDRESS names it (a bare ray.init() attaches to it): no actor of the run is in that cluster."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_head_info["address"])
+    config = small_ray_run("", tmp_path / "private", rounds=2)
+    seen = []
+    run(config, report=lambda row: seen.append(session_pids(ray_head_info["session"], "ray::ClientAppActor")))
+    assert seen and all(found == [] for found in seen), seen
+    assert json.loads((tmp_path / "private" / "summary.json").read_text())["status"] == "completed"
