@@ -247,10 +247,15 @@ class RunConfig:
         self._validate_faults()
 
     def _validate_algorithm(self) -> None:
-        """The solver and family keys against the strategy's registry entry (fedvb.core.registry)."""
+        """The solver, family and combine keys against the strategy's registry entry (fedvb.core.registry)."""
         entry = ALGORITHMS[self.strategy]
         if entry.kind != "bayes-admm":
             return
+        if self.combine != "mean" and entry.family_for(self) is DENSE:
+            raise ConfigError(
+                "combine", f"{self.combine} combines precisions entry by entry, which need not keep a dense one "
+                "positive definite; allowed with a dense family: 'mean'"
+            )  # fmt: skip
         try:
             solver = entry.solver_named(self.solver)
         except ValueError as error:
@@ -283,12 +288,6 @@ class RunConfig:
             raise ConfigError(
                 "faults", f"negative-precision needs a strategy that sends a precision, not {self.strategy}"
             )
-        entry = ALGORITHMS[self.strategy]
-        if self.combine != "mean" and entry.kind == "bayes-admm" and entry.family_for(self) is DENSE:
-            raise ConfigError(
-                "combine", f"{self.combine} combines precisions entry by entry, which need not keep a dense one "
-                "positive definite; allowed with a dense family: 'mean'"
-            )  # fmt: skip
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -347,13 +346,12 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
         raise ConfigError(name, f"expected {kind.__name__}, got {raw!r}") from None
 
 
-# Keys that only some strategies read (every other key applies to every strategy). ``fedvb compare`` names a
-# setting by the keys that differ *and* apply to it.
 def _strategies_reading(key: str) -> tuple[str, ...]:
     return tuple(name for name, entry in ALGORITHMS.items() if key in entry.keys)
 
 
-# which strategies each strategy-specific key changes (from the registry)
+# Keys that only some strategies read (every other key applies to every strategy), from the registry.
+# ``fedvb compare`` names a setting by the keys that differ *and* apply to it.
 STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     **{key: BAYES_ADMM for key in ("prior_precision", "damping", "temperature", "solver", "precision_floor")},
     **{key: _strategies_reading(key) for key in (
