@@ -2,7 +2,8 @@
 
 - ``fedvb run [CONFIG.toml] [flags] [--set key=value ...]`` (or ``--resume DIR``): one experiment;
 - ``fedvb compare DIR ... [--out DIR]``: a table and overlaid curves of finished runs;
-- ``fedvb sweep CONFIG --strategies a,b --seeds 0,1 [--parallel ray]``: a grid of runs, then ``compare``.
+- ``fedvb sweep CONFIG --strategies a,b --seeds 0,1 [--parallel ray]``: a grid of runs, then ``compare``;
+- ``fedvb partition [CONFIG] [flags] --out FILE.npz``: the split over clients of a configuration, no training.
 
 Bad input exits with code 2 and one line naming the field, before anything runs or is written.
 """
@@ -78,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
         "--baseline", default="", help="the setting (or strategy) the others are compared with (default: the first)"
     )
 
+    partition = commands.add_parser(
+        "partition",
+        help="write the split over clients of a configuration (no training)",
+        description="Write FILE.npz with client_0 ... client_{K-1}: each client's rows of the dataset's training "
+        "set (indices in the order the dataset is read), as the partition scheme assigns them (its own order; "
+        "before the local test split), and config: the configuration as TOML text.",
+    )
+    partition.add_argument("config", nargs="?", help="a TOML file of configuration keys")
+    for name in ("dataset", "data", "num_clients", "seed"):
+        partition.add_argument(f"--{name.replace('_', '-')}", dest=name, type=FLAGS[name], default=None,
+                               help=f"sets {name}")  # fmt: skip
+    partition.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="any key")
+    partition.add_argument("--out", dest="file", required=True, metavar="FILE.npz", help="where the split goes")
+    partition.add_argument("--overwrite", action="store_true", help="replace FILE.npz if it exists")
+
     sweep = commands.add_parser(
         "sweep",
         help="run strategies x seeds over one configuration, then compare",
@@ -147,7 +163,7 @@ def _fail(error: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"run": _run, "compare": _compare, "sweep": _sweep}[args.command]
+    command = {"run": _run, "compare": _compare, "sweep": _sweep, "partition": _partition}[args.command]
     return command(args)
 
 
@@ -205,6 +221,19 @@ def _compare(args: argparse.Namespace) -> int:
         return _fail(error)
     print(table, end="")
     print(f"fedvb: compared {len(args.runs)} runs -> {args.out}/compare.md, compare.csv, compare.png")
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from fedvb.experiment import write_partition
+
+    try:
+        config = RunConfig.from_sources(args.config, _overrides(args))
+        sizes = write_partition(config, args.file, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(error)
+    print(f"fedvb: {config.partition} split of {config.dataset if not config.data else config.data} over "
+          f"{len(sizes)} clients ({sum(sizes)} rows, {min(sizes)}-{max(sizes)} a client) -> {args.file}")  # fmt: skip
     return 0
 
 

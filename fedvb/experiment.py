@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ __all__ = [
     "prepare",
     "resolve_device",
     "test_predictions",
+    "write_partition",
 ]
 
 
@@ -54,6 +56,9 @@ class Prepared:
     model_name: str
     unlabelled: np.ndarray | None = None  # fedlap-func's server inputs, held out of every client
     local_tests: list[np.ndarray] | None = None  # each client's local test rows (of the training set)
+    # each client's rows as the scheme assigned them (before the local test split, in the scheme's order),
+    # as indices into the dataset's training set as read, before data_fraction or func_inputs took rows out
+    assigned: list[np.ndarray] | None = None
 
 
 def _key(config: RunConfig) -> str:
@@ -96,8 +101,15 @@ def _prepare_cached(key: str) -> Prepared:
             **generated,
         )  # fmt: skip
         model_name = config.model or ("mlp" if len(dataset.input_shape) == 3 else "softmax")
-    if config.data_fraction < 1.0:
-        dataset = _subsample(dataset, config.data_fraction, config.seed)
+    scheme = config.partition
+    if scheme == "auto":
+        scheme = "natural" if dataset.natural_clients is not None else "papers-dirichlet"
+    options = _partition_options(scheme, config.partition_alpha)
+    source = np.arange(len(dataset.y_train))  # each kept training row's index in the dataset as read
+    if scheme == "papers-dirichlet":
+        options["fraction"] = config.data_fraction  # the reference takes its share per class, inside the split
+    elif config.data_fraction < 1.0:
+        dataset, source = _subsample(dataset, config.data_fraction, config.seed)
     unlabelled = None
     if held_out >= len(dataset.y_train):
         raise ConfigError(
@@ -107,14 +119,7 @@ def _prepare_cached(key: str) -> Prepared:
         order = np.random.default_rng(np.random.SeedSequence([config.seed, 9])).permutation(len(dataset.y_train))
         unlabelled = dataset.x_train[np.sort(order[:held_out])]
         keep = np.sort(order[held_out:])
-        natural = None if dataset.natural_clients is None else dataset.natural_clients[keep]
-        dataset = dataclasses.replace(
-            dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep], natural_clients=natural
-        )
-    scheme = config.partition
-    if scheme == "auto":
-        scheme = "natural" if dataset.natural_clients is not None else "papers-dirichlet"
-    options = _partition_options(scheme, config.partition_alpha)
+        dataset, source = _keep_rows(dataset, keep), source[keep]
     labels = dataset.y_train if dataset.task == "classification" else np.zeros(len(dataset.y_train), dtype=np.int64)
     parts = partition_indices(
         labels, scheme, config.num_clients, seed=config.seed, natural=dataset.natural_clients, **options
@@ -123,7 +128,8 @@ def _prepare_cached(key: str) -> Prepared:
     empty = [k for k, (train, _) in enumerate(splits) if len(train) == 0]
     if empty:
         raise ConfigError("num_clients", f"clients {empty} get no data under partition {scheme!r}; use fewer clients")
-    return Prepared(dataset, [t for t, _ in splits], model_name, unlabelled, [t for _, t in splits])
+    assigned = [source[rows] for rows in parts]
+    return Prepared(dataset, [t for t, _ in splits], model_name, unlabelled, [t for _, t in splits], assigned)
 
 
 # The schemes with a Dirichlet concentration, and the option of partition_indices that takes partition_alpha.
@@ -141,10 +147,15 @@ def _partition_options(scheme: str, alpha: float) -> dict:
     return {ALPHA_OPTION[scheme]: alpha}
 
 
-def _subsample(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    """A seeded random ``fraction`` of the training rows (the papers' "10% of the data"); test set unchanged."""
+def _subsample(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.ndarray]:
+    """A seeded random ``fraction`` of the training rows, and which rows they are; test set unchanged.
+    (papers-dirichlet takes its fraction per class instead, as the reference does.)"""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
     rows = np.sort(rng.permutation(len(dataset.y_train))[: max(1, int(round(fraction * len(dataset.y_train))))])
+    return _keep_rows(dataset, rows), rows
+
+
+def _keep_rows(dataset: Dataset, rows: np.ndarray) -> Dataset:
     natural = None if dataset.natural_clients is None else dataset.natural_clients[rows]
     return dataclasses.replace(
         dataset, x_train=dataset.x_train[rows], y_train=dataset.y_train[rows], natural_clients=natural
@@ -231,6 +242,35 @@ def resolve_device(config: RunConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
+
+
+def write_partition(config: RunConfig, path: str | Path, *, overwrite: bool = False) -> list[int]:
+    """Write the split of ``config`` to ``path`` (.npz, no training): ``client_0`` ... ``client_{K-1}``, each
+    the int64 rows of the dataset's training set (as read) that the scheme gave that client, in the
+    scheme's order and before the local test split, and ``config``, the configuration as TOML text.
+    Written atomically; returns the client sizes."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ConfigError("out", f"the split is written as an .npz file; got {str(path)!r}")
+    if path.is_dir():
+        raise ConfigError("out", f"{path} is a directory; give a file name ending in .npz")
+    if not path.parent.is_dir():
+        raise ConfigError("out", f"{path.parent} is not a directory")
+    if path.exists() and not overwrite:
+        raise ConfigError("out", f"{path} exists; pass --overwrite to replace it")
+    assigned = prepare(config).assigned
+    arrays = {f"client_{k}": rows.astype(np.int64) for k, rows in enumerate(assigned)}
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, config=np.array(config.to_toml()), **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ConfigError("out", f"cannot write {path}: {error.strerror or error}") from None
+    temporary.replace(path)
+    return [len(rows) for rows in assigned]
 
 
 def check_runnable(config: RunConfig) -> None:

@@ -13,12 +13,16 @@ pathological      each client exactly k classes (flwr)                          
 shard             sorted shards, k per client (flwr)                            shards_per_client
 natural           the data's own clients (e.g. UCI heart centres)               -
 size              given client sizes (flwr)                                     sizes
-papers-dirichlet  sizes ~ Dir(size_alpha) x class mix ~ Dir(class_alpha)        size_alpha, class_alpha, m.p.s.
-two-class         each client 2 classes x 300 points (papers' MNIST)            classes_per_client, points_per_class
+papers-dirichlet  sizes ~ Dir(size_alpha) x class mix ~ Dir(class_alpha)        size_alpha, class_alpha, fraction
+two-class         each client 2 classes x 300 points (papers' MNIST)            classes_per_client, p.p.c., m.h.
 ================  ============================================================  ==========================
 
-The last two are the papers' own (docs/data.md) and are
-not in flwr-datasets, so they are written here.
+The last two are the papers' own (docs/data.md), not in flwr-datasets, and
+written here to give the reference code's client lists draw for draw for the
+same seed: they draw from a ``numpy.random.RandomState(seed)`` (the
+reference seeds numpy's legacy global generator; this is that stream without
+touching global state) and return each client's rows in the scheme's own
+order. The flwr schemes return sorted rows.
 """
 
 from __future__ import annotations
@@ -47,61 +51,79 @@ def _flwr_partition(partitioner, labels: np.ndarray, seed: int) -> list[np.ndarr
     ]
 
 
-def _papers_dirichlet(labels, num_clients, rng, size_alpha=1.0, class_alpha=0.5, min_partition_size=2):
-    """p ~ Dir(size_alpha) over clients, c_k ~ Dir(class_alpha) over classes; class j goes to
-    client k in proportion to p_k c_kj (docs/data.md).
+def _papers_dirichlet(labels, num_clients, seed, size_alpha=1.0, class_alpha=0.5, fraction=1.0):
+    """The reference code's Dirichlet split, draw for draw (docs/data.md).
 
-    Draws are repeated (up to 1000 times) until every client has at least
-    ``min_partition_size`` rows; the reference code instead bumps counts of 1 to 2.
+    p ~ Dir(size_alpha) over clients, then one class mix c_k ~ Dir(class_alpha) per client; class j
+    goes to client k in proportion to w_kj = p_k c_kj. For each class in order its rows are
+    shuffled and client k, in order, takes round(n_j w_kj / sum_k w_kj) of them from a running
+    offset, where n_j = (rows of class j) * fraction, a float: the papers' "10% of the data" is
+    taken per class here. A count of exactly 1 becomes 2 (as the reference does). A client's list
+    is its per-class slices in class order.
     """
+    draws = np.random.RandomState(seed)  # the reference seeds numpy's legacy global generator: same stream
     classes = np.unique(labels)
-    for _ in range(1000):
-        sizes = rng.dirichlet(np.full(num_clients, size_alpha))
-        mixes = rng.dirichlet(np.full(len(classes), class_alpha), size=num_clients)
-        parts = [[] for _ in range(num_clients)]
-        for j, cls in enumerate(classes):
-            rows = rng.permutation(np.flatnonzero(labels == cls))
-            weights = sizes * mixes[:, j]
-            cuts = np.floor(np.cumsum(weights / weights.sum()) * len(rows)).astype(int)
-            for k, chunk in enumerate(np.split(rows, cuts[:-1])):
-                parts[k].append(chunk)
-        result = [np.sort(np.concatenate(p)) for p in parts]
-        if min(map(len, result)) >= min_partition_size:
-            return result
-    raise ValueError(f"papers-dirichlet: could not give every client >= {min_partition_size} rows; use fewer clients")
+    sizes = draws.dirichlet([size_alpha] * num_clients)
+    mixes = draws.dirichlet([class_alpha] * len(classes), num_clients)
+    weights = sizes[:, None] * mixes
+    norm = weights.sum(axis=0)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for j, cls in enumerate(classes):
+        rows = np.flatnonzero(labels == cls)
+        draws.shuffle(rows)
+        share = len(rows) * fraction
+        offset = 0
+        for k in range(num_clients):
+            count = int(round(share * weights[k, j] / norm[j]))
+            count = 2 if count == 1 else count
+            parts[k].append(rows[offset : offset + count])
+            offset += count
+    return [np.concatenate(p).astype(np.int64) for p in parts]
 
 
-def _two_class(labels, num_clients, rng, classes_per_client=2, points_per_class=300):
-    """Each client: first the least-used class so far, then random other classes used fewer than
-    the cap (= ceil(K * classes_per_client / C)); ``points_per_class`` rows of each (docs/data.md).
+def _two_class(labels, num_clients, seed, classes_per_client=2, points_per_class=300, max_holders=0):
+    """The reference code's MNIST split, draw for draw (docs/data.md).
 
-    Rows of a class are dealt from a shuffled pool without replacement; only when a
-    class has fewer rows than its uses need (e.g. MNIST's 5 for 100 clients) does the
-    pool start again, so some rows then reach two clients.
+    For each client in order: its first class is the least-used class so far (lowest on ties);
+    each further class is drawn with ``choice(C, 1, replace=False)`` and redrawn while already
+    chosen or held by ``max_holders`` clients (0: ceil(K * classes_per_client / C), the
+    reference's 20 at K = 100, C = 10). Then for each class in order its rows are shuffled and
+    its holders, in client order, take consecutive slices of ``points_per_class``; a slice that
+    would run past the end is the last ``points_per_class`` rows instead, so a class with fewer
+    rows than its holders need gives its last holders overlapping rows (MNIST's 5 at K = 100).
+    A client's list is its slices in class order.
     """
+    draws = np.random.RandomState(seed)  # as the reference: numpy's legacy generator, nothing else drawing
     classes = np.unique(labels)
     if classes_per_client > len(classes):
         raise ValueError(f"classes_per_client: {classes_per_client} > number of classes {len(classes)}")
-    cap = math.ceil(num_clients * classes_per_client / len(classes))
-    uses = dict.fromkeys(classes.tolist(), 0)
-    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes.tolist()}
-    cursor = dict.fromkeys(classes.tolist(), 0)
-    parts = []
-    for _ in range(num_clients):
-        first = min(uses, key=lambda c: (uses[c], c))
-        chosen = [first]
+    cap = max_holders or math.ceil(num_clients * classes_per_client / len(classes))
+    uses = np.zeros(len(classes), dtype=np.int64)
+    holders: list[list[int]] = [[] for _ in classes]
+    for client in range(num_clients):
+        chosen = [int(np.argmin(uses))]
         while len(chosen) < classes_per_client:
-            options = [c for c in uses if c not in chosen and uses[c] < cap] or [c for c in uses if c not in chosen]
-            chosen.append(int(rng.choice(options)))
-        rows = []
+            if all(c in chosen or uses[c] >= cap for c in range(len(classes))):  # the reference would loop forever
+                raise ValueError(
+                    f"partition: two-class cannot give client {client} a class held by fewer than {cap} clients; "
+                    "use fewer clients or a larger max_holders"
+                )
+            pick = int(draws.choice(len(classes), 1, replace=False)[0])
+            while pick in chosen or uses[pick] >= cap:
+                pick = int(draws.choice(len(classes), 1, replace=False)[0])
+            chosen.append(pick)
         for c in chosen:
             uses[c] += 1
-            pool = pools[c]
-            take = [pool[(cursor[c] + i) % len(pool)] for i in range(points_per_class)]
-            cursor[c] += points_per_class
-            rows.append(np.asarray(take))
-        parts.append(np.sort(np.concatenate(rows)))
-    return parts
+            holders[c].append(client)
+    slices: list[dict[int, np.ndarray]] = [{} for _ in range(num_clients)]
+    for j, cls in enumerate(classes):
+        rows = np.flatnonzero(labels == cls)
+        draws.shuffle(rows)
+        for i, client in enumerate(holders[j]):
+            start = i * points_per_class
+            end = start + points_per_class
+            slices[client][j] = rows[start:end] if end <= len(rows) else rows[-points_per_class:]
+    return [np.concatenate([s[j] for j in sorted(s)]).astype(np.int64) for s in slices]
 
 
 SCHEMES = (
@@ -126,16 +148,10 @@ def partition_indices(
     labels = np.asarray(labels)
     if scheme != "natural" and num_clients > len(labels):
         raise ValueError(f"num_clients: {num_clients} clients for {len(labels)} training rows; at most one per row")
-    rng = np.random.default_rng(seed)
     if scheme == "papers-dirichlet":
-        return _papers_dirichlet(
-            labels, num_clients, rng, options.get("size_alpha", 1.0), options.get("class_alpha", 0.5),
-            options.get("min_partition_size", 2),
-        )  # fmt: skip
+        return _papers_dirichlet(labels, num_clients, seed, **options)
     if scheme == "two-class":
-        return _two_class(
-            labels, num_clients, rng, options.get("classes_per_client", 2), options.get("points_per_class", 300)
-        )
+        return _two_class(labels, num_clients, seed, **options)
     from flwr_datasets import partitioner as fp  # only the schemes that flwr-datasets provides need it
 
     if scheme == "iid":
