@@ -144,6 +144,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
     if not (folder / "config.toml").is_file():
         raise ConfigError("resume", f"{folder} holds no config.toml to resume from")
     config = RunConfig.from_sources(folder / "config.toml", {**overrides, "out": str(folder)})
+    planned = RunConfig.from_sources(folder / "config.toml", {"out": str(folder)}).rounds
+    if config.lr_schedule != "constant" and config.rounds != planned:
+        raise ConfigError("rounds", f"lr_schedule {config.lr_schedule!r} runs over the {planned} rounds {folder} "
+                                    "was started with; a resume cannot change them")  # fmt: skip
     done = _checkpoint_round(config)
     if config.rounds < done:
         raise ConfigError("rounds", f"{folder} has done {done} rounds; --rounds must be >= {done}, got {config.rounds}")

@@ -17,6 +17,7 @@ from typing import Any
 from fedvb.core.gaussian import DENSE
 from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM
 from fedvb.core.robust import COMBINATIONS
+from fedvb.core.trainers import LR_SCHEDULES
 
 __all__ = ["STRATEGIES", "ConfigError", "RunConfig", "algorithm_rows", "describe_algorithms", "describe_fields"]
 
@@ -92,6 +93,11 @@ class RunConfig:
     precision_floor: float = field(default=0.0, metadata=_meta("lower bound on server precision; 0: none", ge=0))
     local_epochs: int = field(default=1, metadata=_meta("local epochs per round", min=1))
     lr: float = field(default=1e-3, metadata=_meta("local learning rate (IVON: Newton step size)", gt=0))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=_meta("local learning rate over rounds: cosine = lr (1 + cos(pi (r-1) / rounds)) / 2 in round r, "
+                       "as the papers' code", choices=LR_SCHEDULES),
+    )  # fmt: skip
     batch_size: int = field(default=32, metadata=_meta("local minibatch size", min=1))
     optimizer: str = field(default="adam", metadata=_meta("MAP optimizer", choices=OPTIMIZERS))
     hidden: str = field(default="200,100", metadata=_meta("MLP hidden sizes, comma-separated"))

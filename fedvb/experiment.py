@@ -25,7 +25,7 @@ from fedvb.core.client_solvers import EXACT
 from fedvb.core.gaussian import DENSE, Gaussian
 from fedvb.core.registry import ALGORITHMS, BayesADMMSpec
 from fedvb.core.robust import Combination
-from fedvb.core.trainers import LocalSettings, TorchTrainer
+from fedvb.core.trainers import LocalSettings, TorchTrainer, lr_in_round
 from fedvb.data import GENERATED, Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
 from fedvb.metrics import score
 from fedvb.models import build_model
@@ -42,6 +42,7 @@ __all__ = [
     "partition_sizes",
     "prepare",
     "resolve_device",
+    "round_lr",
     "test_predictions",
     "write_partition",
 ]
@@ -328,6 +329,11 @@ def local_settings(config: RunConfig) -> LocalSettings:
         ivon_hess_init=config.ivon_hess_init, ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples,
         ivon_kernel=config.ivon_kernel,
     )  # fmt: skip
+
+
+def round_lr(config: RunConfig, server_round: int) -> float:
+    """The clients' learning rate in ``server_round`` under the run's ``lr_schedule``."""
+    return lr_in_round(config.lr, config.lr_schedule, server_round, config.rounds)
 
 
 def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:

@@ -291,3 +291,10 @@ def test_an_attack_spec_is_checked_at_the_door(capsys, tmp_path):
         assert main(["run", *SMALL, "--set", f"attack={spec}", "--out", str(tmp_path / "run")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_scheduled_run_cannot_be_resumed_over_other_rounds(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--set", "lr_schedule=cosine", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", "--resume", str(out), "--rounds", "5"]) == 2
+    assert "lr_schedule 'cosine' runs over the" in capsys.readouterr().err

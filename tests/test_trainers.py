@@ -23,3 +23,20 @@ def test_fused_adam_follows_the_single_tensor_adam():
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # float32 rounding of 50 steps, nothing more
     assert any(g["fused"] for g in opt_fused.param_groups)
+
+
+def test_cosine_schedule_is_torchs_cosine_annealing_stepped_once_per_round():
+    import math
+
+    import torch
+
+    from fedvb.core.trainers import lr_in_round
+
+    rounds, lr = 7, 0.3
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rounds, eta_min=0.0)
+    for server_round in range(1, rounds + 1):
+        assert math.isclose(lr_in_round(lr, "cosine", server_round, rounds), opt.param_groups[0]["lr"], rel_tol=1e-12)
+        assert lr_in_round(lr, "constant", server_round, rounds) == lr
+        opt.step()
+        scheduler.step()

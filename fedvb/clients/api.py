@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import Algorithm
 from fedvb.core.trainers import TorchTrainer
-from fedvb.experiment import client_generator, local_settings, make_algorithm
+from fedvb.experiment import client_generator, local_settings, make_algorithm, round_lr
 from fedvb.records import CONFIG_KEY, config_from_json, from_array_record, split_reply, to_array_record
 
 __all__ = ["partition_reply", "reply_to", "train_reply"]
@@ -91,6 +91,7 @@ def reply_to(
     server_round = int(message.content["config"]["server-round"])
     state = from_array_record(message.content["state"]) if "state" in message.content else {}
     payload = from_array_record(message.content["payload"])
+    trainer.begin_round(round_lr(config, server_round))
     reply, new_state = algorithm.client_round(
         payload, state, trainer, generator=client_generator(config, server_round, partition)
     )

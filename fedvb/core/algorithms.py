@@ -508,7 +508,7 @@ class Scaffold(Algorithm):
         n = trainer.num_examples
         penalty = NaturalParams(n * (c_k - c), torch.tensor(0.0, dtype=w_bar.dtype), ISOTROPIC)
         y = trainer.map(w_bar, penalty, generator=generator, optimizer="sgd").to(w_bar)
-        c_new = c_k - c + (w_bar - y) / (trainer.steps_per_round() * trainer.settings.lr)
+        c_new = c_k - c + (w_bar - y) / (trainer.steps_per_round() * trainer.lr)
         reply = {"delta_mean": y - w_bar, "delta_control": c_new - c_k, "num_examples": torch.tensor(float(n))}
         return reply, {"control": c_new}
 

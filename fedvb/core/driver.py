@@ -109,8 +109,10 @@ def run_algorithm(
     fraction: float = 1.0,
     seed: int = 0,
     on_round: Callable[[int, ServerState], None] | None = None,
+    lr_for: Callable[[int], float] | None = None,
 ) -> ServerState:
     """Any :class:`~fedvb.core.algorithms.Algorithm` over in-memory trainers, one client after another.
+    ``lr_for(round)``: each round's local learning rate (a schedule), given to each trainer's ``begin_round``.
 
     ``generator_for(round, client)`` gives each client's random stream; the
     Flower backends draw participants and streams the same way, so they
@@ -124,6 +126,8 @@ def run_algorithm(
         payload = algorithm.payload(server)
         replies = {}
         for k in sample_participants(len(trainers), fraction, seed=seed, server_round=server_round):
+            if lr_for is not None:
+                trainers[k].begin_round(lr_for(server_round))
             reply, state = algorithm.client_round(
                 payload, states[k], trainers[k], generator=generator_for(server_round, k)
             )

@@ -28,7 +28,23 @@ from fedvb.core.gaussian import DIAGONAL, ISOTROPIC, Gaussian, NaturalParams
 from fedvb.core.ivon import IVON
 from fedvb.core.solvers import solve_linear_regression, solve_softmax_regression
 
-__all__ = ["LocalSettings", "TorchTrainer"]
+__all__ = ["LR_SCHEDULES", "LocalSettings", "TorchTrainer", "lr_in_round"]
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_in_round(lr: float, schedule: str, server_round: int, rounds: int) -> float:
+    """The local learning rate of round ``server_round`` (1-based) of ``rounds``.
+
+    ``cosine`` is torch's ``CosineAnnealingLR(T_max=rounds, eta_min=0)`` stepped once per round, as the
+    papers' code does: round r trains with ``lr (1 + cos(pi (r - 1) / rounds)) / 2``, the full ``lr``
+    in round 1. Written as a formula: fedvb builds each client's optimizer afresh every round, so there
+    is no scheduler object to step (tests/test_trainers.py checks it against torch's scheduler)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * (server_round - 1) / rounds)) / 2
+    raise ValueError(f"lr_schedule: unknown {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,11 @@ class TorchTrainer:
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.task = task
         self.settings = settings
+        self.lr = settings.lr  # this round's learning rate: settings.lr under a schedule (begin_round)
+
+    def begin_round(self, lr: float) -> None:
+        """Train the coming round with learning rate ``lr`` (the round's value of the run's schedule)."""
+        self.lr = lr
 
     @property
     def num_examples(self) -> int:
@@ -124,7 +145,7 @@ class TorchTrainer:
         self.set_flat(start)
         params = self._params()
         kind = optimizer or self.settings.optimizer
-        opt = make_optimizer(kind, params, self.settings.lr)
+        opt = make_optimizer(kind, params, self.lr)
         scale = temperature / self.num_examples
         if penalty is not None:
             quadratic = penalty.quadratic.to(self.device, self.dtype)
@@ -196,7 +217,7 @@ class TorchTrainer:
             seed = int(torch.randint(2**62, (1,), generator=generator))
             generator = torch.Generator(device=self.device).manual_seed(seed)
         opt = IVON(
-            params, lr=s.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
+            params, lr=self.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
             beta2=s.ivon_beta2, generator=generator, kernel=s.ivon_kernel,
         )  # fmt: skip
         precision = server.precision.expand(server.dim) if server.family is ISOTROPIC else server.precision
