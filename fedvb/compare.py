@@ -33,12 +33,14 @@ __all__ = ["COLUMNS", "Run", "compare_runs", "load_run"]
 # summary.json keys shown, in order; a column appears when some run has it
 COLUMNS = (
     "accuracy", "predictive_accuracy", "nll", "predictive_nll", "ece", "predictive_ece", "brier",
-    "predictive_brier", "mse", "client_accuracy_worst", "rounds_to_target", "round", "total_time_s", "bytes_total",
+    "predictive_brier", "mse", "accuracy_last3", "nll_last3", "client_accuracy_worst", "rounds_to_target", "round",
+    "s_per_round", "total_time_s", "bytes_total",
 )  # fmt: skip
 # metrics compared with the baseline, and whether higher is better
 DIRECTIONS = {
     "accuracy": 1, "predictive_accuracy": 1, "nll": -1, "predictive_nll": -1, "ece": -1, "predictive_ece": -1,
-    "brier": -1, "predictive_brier": -1, "mse": -1, "client_accuracy_worst": 1, "total_time_s": -1,
+    "brier": -1, "predictive_brier": -1, "mse": -1, "accuracy_last3": 1, "nll_last3": -1, "client_accuracy_worst": 1,
+    "s_per_round": -1, "total_time_s": -1,
 }  # fmt: skip
 NOT_A_SETTING = ("seed", "out", "backend", "ray_address", "device", "client_cpus", "client_gpus", "log", "provenance")
 
@@ -64,7 +66,21 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"runs: {folder} is not a finished run folder (no {', '.join(missing)})")
     config = tomllib.loads(needed[0].read_text())
     rows = [json.loads(line) for line in needed[1].read_text().splitlines() if line.strip()]
-    return Run(folder, config, rows, json.loads(needed[2].read_text()))
+    return Run(folder, config, rows, {**_from_rows(rows), **json.loads(needed[2].read_text())})
+
+
+def _from_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Columns read off the rounds: the papers' mean of the last 3 rounds (accuracy, NLL) and the mean
+    seconds per round (the rounds' own wall time, without start-up)."""
+    derived = {}
+    for name in ("accuracy", "nll"):
+        values = [r[name] for r in rows[-3:] if _number(r.get(name))]
+        if len(values) == 3:
+            derived[f"{name}_last3"] = float(np.mean(values))
+    times = [r["wall_time_s"] for r in rows if _number(r.get("wall_time_s"))]
+    if times:
+        derived["s_per_round"] = float(np.mean(times))
+    return derived
 
 
 def _labels(groups: dict[tuple, list[Run]]) -> list[str]:

@@ -54,6 +54,11 @@ def test_compare_pools_seeds_into_mean_and_sample_std(tmp_path, capsys):
     assert float(table["fedavg"]["accuracy_mean"]) == pytest.approx(np.mean(accuracies), abs=1e-12)
     assert float(table["fedavg"]["accuracy_std"]) == pytest.approx(np.std(accuracies, ddof=1), abs=1e-12)
     assert table["ivon-admm"]["predictive_nll_mean"] != "" and table["fedavg"]["predictive_nll_mean"] == ""
+    rows = [[json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in folders[:3]]
+    last3 = [np.mean([r["accuracy"] for r in run_rows[-3:]]) for run_rows in rows]  # the papers' report
+    assert float(table["fedavg"]["accuracy_last3_mean"]) == pytest.approx(np.mean(last3), abs=1e-12)
+    per_round = [np.mean([r["wall_time_s"] for r in run_rows]) for run_rows in rows]
+    assert float(table["fedavg"]["s_per_round_mean"]) == pytest.approx(np.mean(per_round), abs=1e-12)
     markdown = (tmp_path / "cmp" / "compare.md").read_text()
     assert markdown.startswith("| setting | n |") and "| fedavg | 3 |" in markdown
     assert markdown in capsys.readouterr().out
