@@ -68,7 +68,7 @@ def test_clients_train_on_the_gpu_they_are_given(strategy):
     def run_on(device: str):
         values = dict(strategy=strategy, dataset="digits", num_clients=4, rounds=2, hidden="32", activation="relu",
                       lr=3e-3, device=device, eval_samples=0)  # fmt: skip
-        if strategy == "ivon-admm":  # the headline settings (configs/headline-ivon-admm.toml)
+        if strategy == "ivon-admm":  # the digits demonstration settings (configs/digits-ivon-admm.toml)
             values.update(lr=2e-4, temperature=1e-3, rho=0.2, damping=1e-3, ivon_beta2=0.9998,
                           ivon_hess_init=1e-3, local_epochs=5)  # fmt: skip
         config = RunConfig.from_mapping(values)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedvb.cli import main
+from tests.marks import needs_data
 from tests.processes import free_port, ray_head, stop_pids_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
+@needs_data("fashion-mnist")
 def test_the_main_job_runs_as_written_and_gives_the_readme_numbers(tmp_path):
     command = readme_command("bash scripts/setup.sh && .venv/bin/fedvb run")
     runs = command.removeprefix("bash scripts/setup.sh && ")  # set-up is what made this test's environment
@@ -46,13 +48,19 @@ def test_the_main_job_runs_as_written_and_gives_the_readme_numbers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = re.findall(r"^\| `(runs/headline/[\w-]+)` \| (.+) \|$", README, flags=re.MULTILINE)
     assert [name for name, _ in table] == ["runs/headline/ivon-admm", "runs/headline/fedavg"]
-    keys = ("accuracy", "nll", "predictive_accuracy", "predictive_nll", "client_accuracy_worst")
+    keys = ("accuracy", "nll", "ece", "predictive_accuracy", "predictive_nll")
     for name, cells in table:
         result = summary(tmp_path / name)
-        assert result["status"] == "completed"
-        for key, cell in zip(keys, cells.split(" | ")):
-            written = cell.strip()
-            assert written == (f"{result[key]:.3f}" if key in result else "-"), (name, key, result.get(key))
+        assert result["status"] == "completed" and result["rejected_replies"] == 0
+        *metrics, seconds = [cell.strip() for cell in cells.split(" | ")]
+        for key, written in zip(keys, metrics, strict=True):
+            assert written == (f"{result[key]:.4f}" if key in result else "-"), (name, key, result.get(key))
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        measured = sum(r["wall_time_s"] for r in rows) / len(rows)
+        assert float(seconds) / 3 <= measured <= 3 * float(seconds), (name, measured)  # a time, not a digit
+    compared = (tmp_path / "runs/headline/compare/compare.md").read_text()
+    assert "Difference to fedavg" in compared and "s_per_round" in compared
+    assert "fedvb: compared 2 runs" in done.stdout
 
 
 def flwr_env(tmp_path: Path) -> tuple[dict, int, int]:
