@@ -25,6 +25,10 @@ HELD = {
     "fedlap-func": ("huge", "takeover", "sites", "examples"),
 }
 MARGIN = 0.05
+# A known hole (README, "Crafted replies"): a sign-flipped reply to the dense Newton variant passes the screen and
+# leaves every honest client's cavity not positive definite, so the run stops cleanly in round 2. Pinned, so that
+# the day the server checks the cavities it hands out this test says so.
+STOPS = {("bayes-admm-newton", "sign-flip@0"), ("bayes-admm-newton", "sign-flip@0:once")}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -36,6 +40,9 @@ def test_one_attacker_of_five_neither_crashes_nor_passes_unbounded(strategy, tmp
         if kind == "sites" and strategy not in SENDS_SITES:
             continue  # nothing to craft
         result = attacked_run(strategy, case, tmp_path)
+        if (strategy, case) in STOPS:
+            assert result["status"] == "stopped" and result["reason"] == "round 2: 0 accepted replies, min_replies is 1"
+            continue
         assert result["status"] in ("completed", "completed_with_losses"), (case, result)
         crafted = 1 if case.endswith(":once") else ROUNDS
         if kind != "sign-flip":  # a mirrored change may lie within the bound; the others never do
