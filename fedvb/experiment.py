@@ -125,6 +125,11 @@ def _prepare_cached(key: str) -> Prepared:
     parts = partition_indices(
         labels, scheme, config.num_clients, seed=config.seed, natural=dataset.natural_clients, **options
     )
+    unassigned = [k for k, rows in enumerate(parts) if len(rows) == 0]
+    if unassigned and scheme in ("papers-dirichlet", "two-class"):  # the reference split does the same
+        raise ConfigError("num_clients", f"partition {scheme!r} gives clients {unassigned} no rows at seed "
+                                         f"{config.seed} (as the reference code would); use another seed or fewer "
+                                         "clients")  # fmt: skip
     splits = [local_test_split(rows, config.local_test_share, config.seed, k) for k, rows in enumerate(parts)]
     empty = [k for k, (train, _) in enumerate(splits) if len(train) == 0]
     if empty:

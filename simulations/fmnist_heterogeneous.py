@@ -1,0 +1,103 @@
+"""The BayesADMM paper's Fashion-MNIST heterogeneous run (simulations/fmnist_heterogeneous.toml: K = 10 on
+10% of the training set, the reference code's split, raw inputs, the sigmoid MLP, 50 rounds, cosine
+schedule), strategy by strategy and seed by seed, then one ``fedvb compare`` table and picture.
+
+    .venv/bin/python simulations/fmnist_heterogeneous.py [--strategies ivon-admm,fedavg] [--seeds 62,63,64]
+        [--rounds 50] [--out runs/fmnist-heterogeneous] [--results benchmarks/results/fmnist_heterogeneous]
+
+Each run goes to OUT/STRATEGY/seedN; a folder that already holds a finished run of the same configuration
+is kept, not run again, so an interrupted study continues. IVON-ADMM runs with the published settings
+(the TOML); the baselines with stated choices, as the paper publishes none for this split (BASELINE below).
+Besides the comparison (RESULTS/compare.md, .csv, .png) it prints (and writes to RESULTS/runs.md), per run,
+the status, the replies rejected and the largest server-mean coordinate, max |m|: the reference code's
+failure on this setting is a coordinate whose precision collapses and whose mean explodes (1e19 and more),
+while a model that learns here keeps every weight of moderate size (below BOUND: with raw 0-255 inputs a
+first-layer weight of 10 already drives its unit's pre-activation to the thousands, far past the sigmoid's
+range).
+About 5 minutes per IVON-ADMM run and 1.5 per FedAvg run on one core of the 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from study import start_study
+
+from fedvb.backends import run
+from fedvb.compare import compare_runs
+from fedvb.config import RunConfig
+
+TOML = Path(__file__).with_name("fmnist_heterogeneous.toml")
+# The stated baseline choices (the papers publish none for this split): the papers' baseline batch size 64,
+# Adam lr 1e-3, 10 local epochs and the cosine schedule for all; FedProx's mu and FedDyn's alpha from the
+# BayesADMM paper's MNIST two-class row; FedLap with its own temperature 1 and undamped sites (the TOML's
+# tau 1e-3 and gamma 1e-3 are IVON-ADMM's) and the prior delta 1 of the TOML.
+COMMON = {"lr": 1e-3, "batch_size": 64}
+BASELINE = {
+    "fedavg": COMMON,
+    "fedprox": {**COMMON, "proximal_mu": 0.01},
+    "feddyn": {**COMMON, "feddyn_alpha": 1e-4},
+    "fedlap": {**COMMON, "temperature": 1.0, "damping": 1.0},
+}
+BOUND = 10.0
+BASELINE_OF_TABLE = "fedavg"  # the differences in compare.md are to FedAvg
+
+
+def run_folder(strategy: str, seed: int, rounds: int, out: Path) -> Path:
+    """The finished run of ``strategy`` at ``seed`` in ``out``, run now unless it is already there."""
+    folder = out / strategy / f"seed{seed}"
+    overrides = {"strategy": strategy, "seed": seed, "rounds": rounds, "out": str(folder), **BASELINE.get(strategy, {})}
+    config = RunConfig.from_sources(TOML, overrides)
+    summary = folder / "summary.json"
+    done = summary.is_file() and (folder / "config.toml").is_file()
+    if done:
+        saved = RunConfig.from_sources(folder / "config.toml", {"out": str(folder)})
+        done = saved.as_dict() == config.as_dict() and json.loads(summary.read_text()).get("round") == rounds
+    if not done:
+        run(config, overwrite=True)
+    return folder
+
+
+def largest_mean_coordinate(folder: Path) -> float:
+    with np.load(folder / "posterior.npz", allow_pickle=False) as z:
+        return float(np.abs(z["mean"]).max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", default="ivon-admm,fedavg,fedprox,feddyn,fedlap")
+    parser.add_argument("--seeds", default="62,63,64")
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--out", default="runs/fmnist-heterogeneous")
+    parser.add_argument("--results", default="benchmarks/results/fmnist_heterogeneous")
+    args = parser.parse_args(argv)
+    out = start_study(args.out, "fedvb-fmnist-")
+    folders = []
+    lines = ["| strategy | seed | status | replies rejected | max abs server mean | accuracy | NLL | ECE |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(lines))
+    for strategy in args.strategies.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            folder = run_folder(strategy, seed, args.rounds, out)
+            folders.append(folder)
+            s = json.loads((folder / "summary.json").read_text())
+            largest = largest_mean_coordinate(folder)
+            lines.append(f"| {strategy} | {seed} | {s['status']} | {s['rejected_replies']} | {largest:.3g}"
+                         f"{'' if largest < BOUND else ' (over ' + str(BOUND) + ')'} | {s['accuracy']:.4f} | "
+                         f"{s['nll']:.4f} | {s['ece']:.4f} |")  # fmt: skip
+            print(lines[-1], flush=True)
+    print()
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    (Path(args.results) / "runs.md").write_text("\n".join(lines) + "\n")
+    strategies = args.strategies.split(",")
+    baseline = BASELINE_OF_TABLE if BASELINE_OF_TABLE in strategies else ""
+    print(compare_runs(folders, args.results, baseline=baseline), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
