@@ -38,12 +38,10 @@ def attacked_run(
     strategy: str, case: str, out: Path, robust_clip: float = 10.0, combine: str = "mean"
 ) -> dict[str, Any]:
     """One run of the matrix: its final accuracy and status, and the attacker's rejected and clipped replies."""
-    config = RunConfig.from_mapping(
-        dict(strategy=strategy, dataset="digits", model="softmax", num_clients=5, rounds=4, lr=0.01,
-             eval_samples=0, func_inputs=50, attack="" if case == "honest" else case, robust_clip=robust_clip,
-             combine=combine, **SETTINGS.get(strategy, {}),
-             out=str(out / strategy / case.replace("@", "-").replace(":", "-")))
-    )  # fmt: skip
+    values = dict(strategy=strategy, dataset="digits", model="softmax", num_clients=5, rounds=4, lr=0.01,
+                  eval_samples=0, func_inputs=50, attack="" if case == "honest" else case, robust_clip=robust_clip,
+                  combine=combine, out=str(out / strategy / case.replace("@", "-").replace(":", "-")))  # fmt: skip
+    config = RunConfig.from_mapping({**values, **SETTINGS.get(strategy, {})})
     run(config)
     summary = json.loads((Path(config.out) / "summary.json").read_text())
     rows = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]

@@ -145,15 +145,15 @@ def test_ray_job_submit_as_written_against_a_local_head_with_a_dashboard(tmp_pat
     out = tmp_path / "job"
     with ray_head(num_cpus=2, dashboard=True) as head:
         command = command.replace("http://127.0.0.1:8265", head["dashboard_url"])
-        command = command.replace("/tmp/fedvb-ray-job/seed1", str(out))
-        command = command.replace("--set seed=1", "--set seed=1 --set rounds=2")  # a short run of the same job
+        command = command.replace("/tmp/fedvb-ray-job/seed63", str(out))
+        command = command.replace("--set seed=63", "--set seed=63 --set rounds=2")  # a short run of the same job
         done = subprocess.run(shlex.split(command), cwd=ROOT, env=head["env"], capture_output=True, text=True,
                               timeout=500)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
     result = summary(out)
     assert result["status"] == "completed" and result["round"] == 2 and result["strategy"] == "ivon-admm"
-    assert "seed = 1" in (out / "config.toml").read_text() and 'backend = "ray"' in (out / "config.toml").read_text()
+    assert "seed = 63" in (out / "config.toml").read_text() and 'backend = "ray"' in (out / "config.toml").read_text()
 
 
 SMALL = ["--dataset", "synthetic-logistic", "--model", "softmax", "--num-clients", "4", "--quiet"]
