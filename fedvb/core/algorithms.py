@@ -27,6 +27,7 @@ from fedvb.core.client_solvers import SOLVERS, ClientSolver
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
 from fedvb.core.robust import MEAN, Combination, clip_to_cohort
+from fedvb.core.tensor_checks import all_close, all_finite
 from fedvb.core.trainers import TorchTrainer
 
 __all__ = [
@@ -103,7 +104,7 @@ class Algorithm(ABC):
                 raise RejectedReply(f"{name} has dtype {value.dtype}; expected {dtype}")
             if len(value.shape) != len(shape) or any(e not in (-1, g) for e, g in zip(shape, value.shape)):
                 raise RejectedReply(f"{name} has shape {tuple(value.shape)}; expected {shape}")
-            if not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise RejectedReply(f"{name} has non-finite values")
         if float(reply["num_examples"]) < 0:
             raise RejectedReply("num_examples is negative")
@@ -228,7 +229,7 @@ class BayesADMM(Algorithm):
         expected = self.preset.update_site(self._site(server, client), posterior, self.server_posterior(server))
         for name, value in (("site_linear", expected.linear), ("site_quadratic", expected.quadratic)):
             scale = float(value.abs().max()) if value.numel() else 0.0
-            if not torch.allclose(reply[name], value, rtol=1e-6, atol=1e-9 * max(scale, 1.0)):
+            if not all_close(reply[name], value, rtol=1e-6, atol=1e-9 * max(scale, 1.0)):
                 raise RejectedReply(f"{name}: not the site step to the reply's posterior (docs/algorithms.md §2)")
 
     def consistent_reply(self, payload, state, reply):

@@ -24,7 +24,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -34,6 +33,7 @@ from fedvb.config import RunConfig
 from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
 from fedvb.core.driver import sample_participants
 from fedvb.core.gaussian import Gaussian, NaturalParams
+from fedvb.core.tensor_checks import all_finite
 from fedvb.experiment import initial_mean, make_algorithm, partition_sizes
 from fedvb.records import CONFIG_KEY, config_to_json, from_array_record, join_reply, to_array_record
 
@@ -230,7 +230,7 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
             new = self.algorithm.server_round(self.server, replies_by_client, self.config.num_clients)
         except (ValueError, RuntimeError, ArithmeticError) as error:  # NonPositivePrecisionError among them
             raise RoundFailed(f"round {server_round}: the aggregate failed ({error}); server state kept") from None
-        if not all(bool(torch.isfinite(v).all()) for v in new.arrays.values()):
+        if not all(all_finite(v) for v in new.arrays.values()):
             raise RoundFailed(f"round {server_round}: the aggregate is not finite; server state kept")
         self.server = new
         self.commit_states(accepted, self.algorithm, new)
