@@ -34,6 +34,14 @@ def readme_command(start: str) -> str:
     return found.pop()
 
 
+# How far the README's main-job numbers may move on another CPU (same seed, same code): torch's CPU kernels round
+# by the CPU's vector width, and 20 rounds of training carry it on. Measured on two machines' x86 CPUs: IVON-ADMM
+# accuracy 0.7925 and 0.7928, NLL 0.5721 both, ECE 0.0269 and 0.0319 (a binned statistic: predictions crossing a
+# bin edge move it), predictive accuracy 0.7950 and 0.7942; FedAvg accuracy 0.8050 and 0.8082, NLL 0.5700 and
+# 0.5619, ECE 0.0385 and 0.0399. (10 of the 10,000 test images are 0.001.)
+CPU_ROUNDING = {"accuracy": 0.005, "nll": 0.01, "ece": 0.008, "predictive_accuracy": 0.005, "predictive_nll": 0.01}
+
+
 def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
@@ -53,8 +61,12 @@ def test_the_main_job_runs_as_written_and_gives_the_readme_numbers(tmp_path):
         result = summary(tmp_path / name)
         assert result["status"] == "completed" and result["rejected_replies"] == 0
         *metrics, seconds = [cell.strip() for cell in cells.split(" | ")]
+        got = {key: result.get(key) for key in keys}
         for key, written in zip(keys, metrics, strict=True):
-            assert written == (f"{result[key]:.4f}" if key in result else "-"), (name, key, result.get(key))
+            if written == "-":
+                assert key not in result, (name, key, got)
+            else:  # torch's CPU kernels round by the CPU's vector width: the 4th digit may move between CPUs
+                assert abs(float(written) - result[key]) <= CPU_ROUNDING[key], (name, key, got)
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         measured = sum(r["wall_time_s"] for r in rows) / len(rows)
         assert float(seconds) / 3 <= measured <= 3 * float(seconds), (name, measured)  # a time, not a digit
