@@ -7,7 +7,8 @@ papers'), one local epoch, FedAvg; no evaluation inside the timed part.  The pla
 runs the real Strategy and ClientApp through a Flower Grid; ``--ray`` also
 times Flower's Ray simulation engine (start-up reported apart).  Plain and
 in-process runs are interleaved and repeated; medians of steady rounds
-(round 1 dropped) are compared.
+(round 1 dropped) are compared. The in-process backend runs with one worker (clients in the server's
+process, as the plain loop): this measures Flower's overhead, not more cores (``scale.py workers``).
 
     python benchmarks/backend_overhead.py [--rounds 8] [--repeats 3] [--ray]
 """
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     config = RunConfig.from_mapping(
         dict(strategy="fedavg", dataset=args.dataset, num_clients=20, rounds=args.rounds, partition="dirichlet",
              partition_alpha=1.0, hidden=args.hidden, activation="relu", local_epochs=1, batch_size=32, lr=3e-3,
-             eval_samples=0, out=out)
+             eval_samples=0, workers=1, out=out)
     )  # fmt: skip
     plain, inprocess = [], []
     for _ in range(args.repeats):

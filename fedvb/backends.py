@@ -6,28 +6,31 @@ the same numbers for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
-import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedvb.config import RunConfig
+from fedvb.workers import WorkerPool, available_cores, execute, shared_pool
 
-__all__ = ["InProcessGrid", "act_as_server", "run"]
+__all__ = ["InProcessGrid", "act_as_server", "client_workers", "run", "worker_count"]
 
 log = logging.getLogger(__name__)
 
 
 class InProcessGrid(Grid):
-    """A Flower Grid that executes the ClientApp in this process, one message after another.
+    """A Flower Grid that executes the ClientApp in this process, one message after another, or on a
+    :class:`~fedvb.workers.WorkerPool` (``pool``: a round's clients spread over its processes).
 
     No Ray, no SuperLink, no polling: the overhead per round is a function call
     per client. Nodes get random-looking ids (as under Flower's simulation) and
@@ -36,11 +39,15 @@ class InProcessGrid(Grid):
     ``timeout`` each client runs in a worker thread and gets that long: clients
     run one after another here, so the limit is per client (as under fedvb's Ray
     backend, :mod:`fedvb.ray_backend`); a late reply is dropped, as Flower drops replies after its timeout,
-    and a node still busy with a late message finishes it before it takes the next.
+    and a node still busy with a late message finishes it before it takes the next.  On a pool the
+    replies come back in the messages' order and each client's limit counts from its start on a worker.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1) -> None:
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1, pool: WorkerPool | None = None
+    ) -> None:
         self.client_app = client_app
+        self.pool = pool
         ids = np.random.default_rng(seed).choice(2**62, size=num_nodes, replace=False) + 1
         self.contexts = {
             int(node_id): Context(
@@ -72,25 +79,45 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
+    def _stamp(self, message: Message) -> str:
+        self._counter += 1
+        message_id = f"inprocess-{self._counter}"
+        # Flower 1.42 has no public setter for a message's id and run id (Metadata exposes them read-only);
+        # its own grids and SuperLink state write these same fields (flwr/superlink/grid/inmemory_grid.py),
+        # so this runtime does as they do.
+        message.metadata.__dict__["_message_id"] = message_id
+        message.metadata.__dict__["_run_id"] = self._run.run_id
+        return message_id
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        if self.pool is not None:
+            return self._push_to_pool(list(messages), timeout=None)
         ids = []
         for message in messages:
-            self._counter += 1
-            message_id = f"inprocess-{self._counter}"
-            # Flower 1.42 has no public setter for a message's id and run id (Metadata exposes them read-only);
-            # its own grids and SuperLink state write these same fields (flwr/superlink/grid/inmemory_grid.py),
-            # so this runtime does as they do.
-            message.metadata.__dict__["_message_id"] = message_id
-            message.metadata.__dict__["_run_id"] = self._run.run_id
-            self._replies[message_id] = self._execute(message)
+            message_id = self._stamp(message)
+            self._replies[message_id] = execute(self.client_app, message, self.contexts[message.metadata.dst_node_id])
             ids.append(message_id)
         return ids
+
+    def _push_to_pool(self, messages: list[Message], *, timeout: float | None) -> list[str]:
+        """Run ``messages`` on the pool; the ids of those that replied (in time), in the messages' order."""
+        ids = [self._stamp(message) for message in messages]
+        jobs = [(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
+        results = self.pool.run(jobs, timeout=timeout, on_done=self._report_progress)
+        answered = []
+        for message_id, message, result in zip(ids, messages, results, strict=True):
+            if result is not None:
+                self._replies[message_id], self.contexts[message.metadata.dst_node_id] = result
+                answered.append(message_id)
+        return answered
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        if self.pool is not None:
+            return self.pull_messages(self._push_to_pool(messages, timeout=timeout))
         if timeout is None:
             replies = []
             for done, message in enumerate(messages, 1):
@@ -122,14 +149,37 @@ class InProcessGrid(Grid):
         if self.on_progress is not None:
             self.on_progress({"event": "clients", "done": done, "of": total})
 
-    def _execute(self, message: Message) -> Message:
-        context = self.contexts[message.metadata.dst_node_id]
+
+def worker_count(config: RunConfig) -> int:
+    """How many worker processes an in-process run uses: ``workers`` (0: one per core this process may run
+    on; one on a GPU, which the clients would share), never more than the clients of a round."""
+    wanted = config.workers or (1 if config.device != "cpu" else available_cores())
+    return max(1, min(wanted, math.ceil(config.fraction_train * config.num_clients)))
+
+
+@contextlib.contextmanager
+def client_workers(config: RunConfig) -> Iterator[WorkerPool | None]:
+    """The worker pool of an in-process run, with the run's data in shared memory; ``None`` for one worker
+    (clients run in this process). The pool outlives the run (:func:`fedvb.workers.shared_pool`) unless the
+    run ends in an exception (Ctrl-C mid-round leaves workers busy): then it is stopped."""
+    count = worker_count(config)
+    if count == 1:
+        yield None
+        return
+    from fedvb.clients.app import make_client_app
+    from fedvb.experiment import adopt_prepared, share_prepared
+
+    shared, payload = share_prepared(config)
+    try:
+        pool = shared_pool(count, make_client_app, setup=adopt_prepared)
+        pool.share(payload)
         try:
-            return self.client_app(message, context)
-        except Exception as error:  # a failing client must not take the server down
-            log.warning("client on node %s raised: %s", message.metadata.dst_node_id, error)
-            reason = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+            yield pool
+        except BaseException:
+            pool.close()
+            raise
+    finally:
+        shared.close()
 
 
 def act_as_server(grid: InProcessGrid) -> None:
@@ -148,10 +198,11 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, rep
     from fedvb.servers.app import make_server_app, run_server
 
     if config.backend == "inprocess":
-        grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed)
-        grid.on_progress = report
-        act_as_server(grid)
-        run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
+        with client_workers(config) as pool:
+            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool)
+            grid.on_progress = report
+            act_as_server(grid)
+            run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
         return
     from flwr.simulation import run_simulation
 

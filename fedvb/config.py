@@ -17,7 +17,7 @@ from typing import Any
 from fedvb.core.gaussian import DENSE
 from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM
 from fedvb.core.robust import COMBINATIONS
-from fedvb.core.trainers import LR_SCHEDULES
+from fedvb.core.trainers import CURVATURES, LR_SCHEDULES
 
 __all__ = ["STRATEGIES", "ConfigError", "RunConfig", "algorithm_rows", "describe_algorithms", "describe_fields"]
 
@@ -58,6 +58,11 @@ class RunConfig:
     seed: int = field(default=0, metadata=_meta("seed of data split, init and every random stream", min=0))
     backend: str = field(default="inprocess", metadata=_meta("where clients run", choices=BACKENDS))
     ray_address: str = field(default="", metadata=_meta("attach the ray backend to a running Ray cluster"))
+    workers: int = field(
+        default=0,
+        metadata=_meta("inprocess: worker processes running a round's clients, one torch thread each; 0: one per "
+                       "CPU core (one on a GPU), 1: in the server's process", min=0),
+    )  # fmt: skip
     out: str = field(default="runs/latest", metadata=_meta("run folder"))
     data_dir: str = field(default="", metadata=_meta("where dataset files are looked for first"))
     preprocessing: str = field(default="standardize", metadata=_meta("input scaling", choices=("standardize", "raw")))
@@ -119,6 +124,11 @@ class RunConfig:
         default="auto",
         metadata=_meta("IVON on CPU: auto (native if a C compiler builds it), torch, native", choices=IVON_KERNELS),
     )
+    curvature: str = field(
+        default="exact",
+        metadata=_meta("diagonal GGN of Laplace clients (fedlap-cov, bayes-admm): exact, or mc (one label drawn "
+                       "per example from the model: one backward pass, unbiased)", choices=CURVATURES),
+    )  # fmt: skip
     eval_samples: int = field(default=32, metadata=_meta("posterior-predictive samples at evaluation", min=0))
     device: str = field(default="cpu", metadata=_meta("cpu, cuda or auto (cuda when available)"))
     client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))

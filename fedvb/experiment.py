@@ -29,9 +29,12 @@ from fedvb.core.trainers import LocalSettings, TorchTrainer, lr_in_round
 from fedvb.data import GENERATED, Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
 from fedvb.metrics import score
 from fedvb.models import build_model
+from fedvb.workers import SharedData, attach
 
 __all__ = [
     "Prepared",
+    "adopt_prepared",
+    "share_prepared",
     "write_label_distribution",
     "client_generator",
     "evaluate",
@@ -78,7 +81,41 @@ def _key(config: RunConfig) -> str:
 
 
 def prepare(config: RunConfig) -> Prepared:
-    return _prepare_cached(_key(config))
+    key = _key(config)
+    adopted = _ADOPTED.get(key)
+    return adopted if adopted is not None else _prepare_cached(key)
+
+
+_ADOPTED: dict[str, Prepared] = {}  # a worker process's run data, prepared by the server (adopt_prepared)
+
+
+def share_prepared(config: RunConfig) -> tuple[SharedData, tuple]:
+    """The run's prepared data with its arrays copied into shared memory (close the :class:`SharedData`
+    when the run ends), and the payload a worker process adopts it from (:func:`adopt_prepared`)."""
+    key = _key(config)
+    prepared = _prepare_cached(key)
+    dataset = prepared.dataset
+    arrays = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(dataset)}
+    arrays = {name: value for name, value in arrays.items() if isinstance(value, np.ndarray)}
+    if prepared.unlabelled is not None:
+        arrays["unlabelled"] = prepared.unlabelled
+    shared = SharedData(arrays)
+    without_arrays = dataclasses.replace(dataset, **{name: None for name in arrays if name != "unlabelled"})
+    skeleton = dataclasses.replace(prepared, dataset=without_arrays, unlabelled=None)
+    return shared, (key, skeleton, shared.spec)
+
+
+def adopt_prepared(payload: tuple) -> None:
+    """In a worker process: serve :func:`prepare` for the run ``payload`` describes from the server's shared
+    memory (:func:`share_prepared`) instead of loading and partitioning the data again."""
+    key, skeleton, spec = payload
+    _ADOPTED.clear()  # one run's data at a time: the previous run's views go before its blocks are closed
+    arrays = attach(spec)
+    unlabelled = arrays.pop("unlabelled", None)
+    if unlabelled is not None:  # torch.as_tensor keeps a view: a copy of its own (a few hundred rows) is writable
+        unlabelled = np.array(unlabelled)
+    _ADOPTED[key] = dataclasses.replace(skeleton, dataset=dataclasses.replace(skeleton.dataset, **arrays),
+                                        unlabelled=unlabelled)  # fmt: skip
 
 
 def _from_key(key: str) -> tuple[RunConfig, int]:
@@ -309,7 +346,7 @@ def build_run_model(config: RunConfig, prepared: Prepared) -> torch.nn.Module:
     dataset = prepared.dataset
     options = {"hidden": config.hidden_sizes, "activation": config.activation} if prepared.model_name == "mlp" else {}
     model = build_model(prepared.model_name, dataset.input_shape, dataset.num_classes, **options)
-    return model.to(torch.as_tensor(dataset.x_train[:0]).dtype)
+    return model.to(torch.from_numpy(np.zeros(0, dataset.x_train.dtype)).dtype)
 
 
 def initial_mean(config: RunConfig) -> Tensor:
@@ -332,7 +369,7 @@ def local_settings(config: RunConfig) -> LocalSettings:
     return LocalSettings(
         lr=config.lr, local_epochs=config.local_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
         ivon_hess_init=config.ivon_hess_init, ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples,
-        ivon_kernel=config.ivon_kernel,
+        ivon_kernel=config.ivon_kernel, curvature=config.curvature,
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import pytest
 from fedvb.backends import run
 from fedvb.config import STRATEGIES, RunConfig
 from fedvb.core.driver import run_algorithm
-from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer, round_lr
+from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer, partition_sizes, round_lr
 
 
 def small_config(strategy: str, tmp_path, **changes) -> RunConfig:
@@ -133,15 +133,19 @@ def test_a_failing_client_is_skipped_and_the_run_completes(tmp_path, monkeypatch
     from fedvb.core import algorithms
 
     original = algorithms.FedProx.client_round
+    config = small_config("fedprox", tmp_path).replace(workers=1)  # the patch is in this process's clients
+    sizes = partition_sizes(config)
+    assert sizes[0] < min(sizes[k] for k in sizes if k)  # client 0 is the one with fewest rows
 
     def flaky(self, payload, state, trainer, *, generator):
-        if trainer.num_examples == 16:  # the first client of synthetic-logistic
+        if trainer.num_examples == sizes[0]:
             raise RuntimeError("boom")
         return original(self, payload, state, trainer, generator=generator)
 
     monkeypatch.setattr(algorithms.FedProx, "client_round", flaky)
-    config = small_config("fedprox", tmp_path)
     run(config)
+    rows = [json.loads(line) for line in (tmp_path / "fedprox" / "metrics.jsonl").read_text().splitlines()]
+    assert all(any(e["client"] == 0 for e in row["rejected"]) for row in rows)  # the patch struck
     assert (tmp_path / "fedprox" / "summary.json").exists()
     with np.load(tmp_path / "fedprox" / "posterior.npz") as z:
         assert np.isfinite(z["mean"]).all()

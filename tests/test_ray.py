@@ -59,7 +59,7 @@ def metric_rows(folder: Path) -> list[dict]:
     rows = [json.loads(line) for line in (completed(folder) / "metrics.jsonl").read_text().splitlines()]
     return [
         {
-            **{k: v for k, v in r.items() if k not in ("wall_time_s", "elapsed_s", "rejected")},
+            **{k: v for k, v in r.items() if k not in ("train_time_s", "wall_time_s", "elapsed_s", "rejected")},
             "rejected": len(r["rejected"]),
         }
         for r in rows

@@ -16,7 +16,7 @@ from fedvb.cli import main
 ARGS = ["--strategy", "ivon-admm", "--dataset", "synthetic-logistic", "--model", "softmax", "--num-clients", "5",
         "--set", "lr=0.002", "--set", "ivon_beta2=0.999", "--set", "local_epochs=4", "--set", "batch_size=8",
         "--set", "fraction_train=0.6", "--set", "faults=nan=0.2"]  # fmt: skip
-TIMES = ("wall_time_s", "elapsed_s")
+TIMES = ("train_time_s", "wall_time_s", "elapsed_s")
 LOSSES = 3  # the exit code of a run that finished with rejected replies: ARGS injects NaN replies
 
 

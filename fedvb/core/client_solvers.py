@@ -84,7 +84,7 @@ class LaplaceSolver:
         mean = mean.to(server.mean)  # the server's dtype and device (the trainer may be on a GPU)
         if point_estimate:
             return Gaussian(mean, server.precision, server.family), {}
-        curvature = server.family.from_diagonal(trainer.curvature(mean).to(server.mean))
+        curvature = server.family.from_diagonal(trainer.curvature(mean, generator=generator).to(server.mean))
         return posterior_from_curvature(server, site, mean, curvature, rho=rho, temperature=temperature), {}
 
 

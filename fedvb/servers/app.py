@@ -81,12 +81,14 @@ def _run_rounds(
             log.error("%s; stopping (state of round %d kept in the checkpoint)", error, server_round - 1)
             status = {"status": "stopped", "reason": str(error)}
             break
+        trained = time.perf_counter()
         posterior = _sampled_posterior(strategy)
         outputs = test_predictions(config, strategy.mean(), posterior)
         metrics = evaluate(config, strategy.mean(), posterior, outputs)
         now = time.perf_counter()
         row = {"round": server_round, **metrics, **strategy.round_log, "retries": retries,
-               "wall_time_s": now - round_started, "elapsed_s": now - started}  # fmt: skip
+               "train_time_s": trained - round_started, "wall_time_s": now - round_started,
+               "elapsed_s": now - started}  # fmt: skip
         folder.end_round(server_round, strategy.state_dict(), row)
         if report is not None:
             report(row)

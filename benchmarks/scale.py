@@ -1,0 +1,149 @@
+"""Scale benchmarks: what more cores buy in one process, measured side by side in one run.
+
+``workers``: the in-process backend with N worker processes against one (clients run in the server's
+process), on a compute-bound round: Fashion-MNIST, the papers' MLP 784-200-100-10, 10 clients of 600
+rows (10% of the training set, iid), 2 local epochs, no evaluation samples. Runs alternate (1, N, 1, N,
+...); the medians of the steady rounds' training time (round 1 dropped: each worker builds its clients
+there; evaluation runs in the server's process either way) are compared, and every run's metrics and
+final posterior must equal the one-worker run's bit for bit.
+
+``curvature``: a FedLap-Cov round (MAP training plus the diagonal GGN of its Laplace step) against a FedAvg
+round on that same workload, one worker: the GGN per layer (``curvature = "exact"``, the default), by one
+sampled label (``"mc"``), and by each example's Jacobian of every output (the generic path, which every
+model used before), timed on one client against that client's local training.
+
+    python benchmarks/scale.py workers [--workers 2] [--strategies ivon-admm,fedavg] [--rounds 4] [--repeats 2]
+    python benchmarks/scale.py curvature [--rounds 4] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedvb.backends import run
+from fedvb.config import RunConfig
+
+TIMING = ("train_time_s", "wall_time_s", "elapsed_s")  # what may differ between runs of the same numbers
+
+
+def _rows(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def _posterior(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(folder / "posterior.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _timed_run(config: RunConfig, key: str = "train_time_s") -> tuple[list[float], float]:
+    """Each round's ``key`` (``train_time_s``: sending, the clients' training, aggregating; ``wall_time_s``: the
+    whole round with its evaluation) and the whole run's seconds."""
+    started = time.perf_counter()
+    run(config)
+    total = time.perf_counter() - started
+    rows = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows], total
+
+
+def workers(args: argparse.Namespace) -> None:
+    out = Path(tempfile.mkdtemp(prefix="fedvb-scale-"))
+    print(
+        f"Fashion-MNIST, 10 clients x 600 rows, MLP 784-200-100-10, {args.rounds} rounds of 2 local epochs; "
+        f"1 worker against {args.workers}; medians of the steady rounds' training (send, train, aggregate)"
+    )
+    for strategy in args.strategies.split(","):
+        base = _workload(strategy, rounds=args.rounds)
+        rounds: dict[int, list[float]] = {1: [], args.workers: []}
+        totals: dict[int, list[float]] = {1: [], args.workers: []}
+        reference = None
+        for repeat in range(args.repeats):
+            for count in (1, args.workers):
+                folder = out / f"{strategy}-{count}-{repeat}"
+                times, total = _timed_run(base.replace(workers=count, out=str(folder)))
+                rounds[count] += times[1:]
+                totals[count].append(total)
+                numbers = (_rows(folder), _posterior(folder))
+                if reference is None:
+                    reference = numbers
+                same = numbers[0] == reference[0] and all(
+                    np.array_equal(numbers[1][k], reference[1][k]) for k in reference[1]
+                ) and numbers[1].keys() == reference[1].keys()  # fmt: skip
+                if not same:
+                    raise SystemExit(f"{strategy}: {count} workers gave other numbers than 1 worker (run {folder})")
+        one, many = statistics.median(rounds[1]), statistics.median(rounds[args.workers])
+        whole = f"{statistics.median(totals[1]):.1f} s vs {statistics.median(totals[args.workers]):.1f} s"
+        print(f"{strategy:10s} 1 worker {one:6.2f} s/round   {args.workers} workers {many:6.2f} s/round   "
+              f"ratio {many / one:.2f} (target <= 0.60)   whole runs {whole}   bit for bit: yes")  # fmt: skip
+
+
+def _workload(strategy: str, **changes) -> RunConfig:
+    values = dict(strategy=strategy, dataset="fashion-mnist", num_clients=10, data_fraction=0.1, partition="iid",
+                  local_test_fraction=0.0, local_epochs=2, eval_samples=0, seed=0)  # fmt: skip
+    return RunConfig.from_mapping({**values, **changes})
+
+
+def curvature(args: argparse.Namespace) -> None:
+    from fedvb.experiment import client_generator, make_trainer
+
+    out = Path(tempfile.mkdtemp(prefix="fedvb-scale-"))
+    print(f"Fashion-MNIST, 10 clients x 600 rows, MLP 784-200-100-10, {args.rounds} rounds of 2 local epochs, "
+          "1 worker; medians of the steady rounds")  # fmt: skip
+    runs = {"fedavg": _workload("fedavg"), "fedlap-cov exact": _workload("fedlap-cov"),
+            "fedlap-cov mc": _workload("fedlap-cov", curvature="mc")}  # fmt: skip
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name, config in runs.items():
+            folder = out / f"{name.replace(' ', '-')}-{repeat}"
+            rounds[name] += _timed_run(config.replace(workers=1, rounds=args.rounds, out=str(folder)))[0][1:]
+    base = statistics.median(rounds["fedavg"])
+    for name, times in rounds.items():
+        ratio = statistics.median(times) / base
+        target = "" if name == "fedavg" else "   (target <= 2.0)"
+        print(f"{name:18s} {statistics.median(times):6.2f} s/round   ratio to fedavg {ratio:5.2f}{target}")
+    trainer = make_trainer(runs["fedlap-cov exact"], 0)
+    theta = trainer.get_flat()
+    timings = {}
+    for name, step in (
+        ("local training", lambda: trainer.map(theta, None, generator=client_generator(runs["fedavg"], 1, 0))),
+        ("per-layer GGN", lambda: trainer.curvature(theta)),
+        ("Jacobian GGN", lambda: trainer._jacobian_curvature(trainer.model, None)),
+    ):
+        started = time.perf_counter()
+        step()
+        timings[name] = time.perf_counter() - started
+    print(
+        "one client (600 rows): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+        + f"; Jacobian / per-layer {timings['Jacobian GGN'] / timings['per-layer GGN']:.1f}x"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    on_workers = commands.add_parser("workers", help="in-process worker processes against one")
+    on_workers.add_argument("--workers", type=int, default=2)
+    on_workers.add_argument("--strategies", default="ivon-admm,fedavg")
+    on_workers.add_argument("--rounds", type=int, default=4)
+    on_workers.add_argument("--repeats", type=int, default=2)
+    on_curvature = commands.add_parser("curvature", help="a FedLap-Cov round against a FedAvg round")
+    on_curvature.add_argument("--rounds", type=int, default=4)
+    on_curvature.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # this script is an entry point: one thread, as the CLI
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    {"workers": workers, "curvature": curvature}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

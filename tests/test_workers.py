@@ -1,0 +1,148 @@
+"""The in-process backend's worker processes (fedvb.workers): the same numbers as one worker, bit for bit, for
+every algorithm and under faults; the data shared, not reloaded; a dead worker answered for and replaced; a
+late client dropped without holding up the round's other clients."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedvb.backends import run, worker_count
+from fedvb.config import STRATEGIES, RunConfig
+from fedvb.experiment import adopt_prepared, prepare, share_prepared
+from fedvb.workers import WorkerPool
+
+TIMING = ("train_time_s", "wall_time_s", "elapsed_s")
+
+
+def rows(folder) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def posterior(folder) -> dict[str, np.ndarray]:
+    with np.load(folder / "posterior.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_run(one, two) -> None:
+    assert rows(one) == rows(two)
+    a, b = posterior(one), posterior(two)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def config_for(strategy: str, tmp_path, **changes) -> RunConfig:
+    values = dict(strategy=strategy, dataset="digits", num_clients=5, rounds=2, seed=3, local_epochs=1,
+                  eval_samples=4, func_inputs=40)  # fmt: skip
+    return RunConfig.from_mapping({**values, **changes, "out": str(tmp_path / strategy)})
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_workers_give_one_workers_numbers_bit_for_bit(strategy, tmp_path):
+    config = config_for(strategy, tmp_path)
+    if strategy == "bayes-admm-newton":  # the exact solver: softmax regression
+        config = config.replace(model="softmax")
+    run(config.replace(workers=1, out=str(tmp_path / "one")))
+    run(config.replace(workers=2, out=str(tmp_path / "two")))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_faults_and_a_sampled_cohort_give_the_same_numbers_on_two_workers(tmp_path):
+    config = config_for("ivon-admm", tmp_path, num_clients=8, rounds=4, fraction_train=0.5,
+                        faults="raise=0.3,nan=0.1,timeout=0.15", client_timeout_s=3.0)  # fmt: skip
+    run(config.replace(workers=1, out=str(tmp_path / "one")))
+    run(config.replace(workers=2, out=str(tmp_path / "two")))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    lost = [entry for row in rows(tmp_path / "two") for entry in row["rejected"]]
+    assert any("no reply" in e["reason"] for e in lost) and any("client error" in e["reason"] for e in lost), lost
+
+
+def test_how_many_workers_a_run_gets():
+    config = RunConfig(num_clients=10)
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count(config) == min(cores, 10)
+    assert worker_count(config.replace(workers=3, fraction_train=0.2)) == 2  # never more than a round's clients
+    assert worker_count(config.replace(device="cuda")) == 1
+    assert worker_count(config.replace(workers=1)) == 1
+
+
+def test_a_worker_adopts_the_servers_data_from_shared_memory():
+    config = RunConfig(strategy="fedlap-func", dataset="digits", num_clients=4, func_inputs=30)
+    prepared = prepare(config)
+    shared, payload = share_prepared(config)
+    try:
+        adopt_prepared(payload)  # as a worker does, here in this process
+        adopted = prepare(config)
+        assert adopted is not prepared
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            view = getattr(adopted.dataset, name)
+            assert np.array_equal(view, getattr(prepared.dataset, name)) and not view.flags.writeable
+        assert np.array_equal(adopted.unlabelled, prepared.unlabelled)
+        assert all(np.array_equal(a, b) for a, b in zip(adopted.parts, prepared.parts, strict=True))
+    finally:
+        from fedvb import experiment
+
+        experiment._ADOPTED.clear()
+        shared.close()
+
+
+# -- the pool itself, on a ClientApp that obeys its message ---------------------------------------------------
+
+
+def obedient_app() -> ClientApp:
+    """Replies with its process id; ``"sleep"`` seconds first; ``"die"`` kills its own process."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        order = msg.content["config"]
+        if order["die"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(float(order["sleep"]))
+        context.state["seen"] = MetricRecord({"count": int(context.state.get("seen", {}).get("count", 0)) + 1})
+        return Message(RecordDict({"info": MetricRecord({"pid": os.getpid()})}), reply_to=msg)
+
+    return app
+
+
+def job(node: int, *, sleep: float = 0.0, die: bool = False, context: Context | None = None):
+    content = RecordDict({"config": ConfigRecord({"sleep": sleep, "die": die})})
+    message = Message(content, dst_node_id=node, message_type="train")
+    message.metadata.__dict__["_message_id"] = f"m{node}-{time.monotonic_ns()}"
+    context = context or Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+    return message, context
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_worker_is_answered_for_and_replaced():
+    with WorkerPool(2, obedient_app) as pool:
+        results = pool.run([job(1), job(2, die=True), job(3), job(4)])
+        assert [r[0].has_error() for r in results] == [False, True, False, False]
+        assert "died" in results[1][0].error.reason
+        again = pool.run([job(5), job(6)])
+        assert not any(r[0].has_error() for r in again) and pool.size == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_late_client_is_dropped_and_the_others_run_on():
+    with WorkerPool(2, obedient_app) as pool:
+        started = time.monotonic()
+        results = pool.run([job(1, sleep=6.0), job(2), job(3), job(4)], timeout=2.0)
+        took = time.monotonic() - started
+        assert results[0] is None and all(r is not None and not r[0].has_error() for r in results[1:])
+        assert took < 5.0, took  # the round did not wait for the late client
+        later = pool.run([job(5), job(6)])  # the late client's worker finishes it, then serves again
+        assert all(not r[0].has_error() for r in later)
+
+
+@pytest.mark.timeout(120)
+def test_a_nodes_context_travels_with_its_message_and_comes_back_updated():
+    with WorkerPool(2, obedient_app) as pool:
+        (_, context), _ = pool.run([job(1), job(2)])
+        (_, context), = pool.run([job(1, context=context)])  # fmt: skip
+        assert context.state["seen"]["count"] == 2
