@@ -82,8 +82,27 @@ def workers(args: argparse.Namespace) -> None:
                     raise SystemExit(f"{strategy}: {count} workers gave other numbers than 1 worker (run {folder})")
         one, many = statistics.median(rounds[1]), statistics.median(rounds[args.workers])
         whole = f"{statistics.median(totals[1]):.1f} s vs {statistics.median(totals[args.workers]):.1f} s"
-        print(f"{strategy:10s} 1 worker {one:6.2f} s/round   {args.workers} workers {many:6.2f} s/round   "
-              f"ratio {many / one:.2f} (target <= 0.60)   whole runs {whole}   bit for bit: yes")  # fmt: skip
+        print(
+            f"{strategy:10s} 1 worker {one:6.2f} s/round   {args.workers} workers {many:6.2f} s/round   "
+            f"ratio {many / one:.2f} (target <= 0.60)   whole runs {whole}   bit for bit: yes"
+        )
+    print(_peak_rss())  # fmt: skip
+
+
+def _peak_rss() -> str:
+    """This process's peak RSS and each worker's (VmHWM of the live workers: a spawned child's ru_maxrss would
+    count the server's memory it was forked from before its exec)."""
+    import resource
+
+    from fedvb.workers import pool_pids
+
+    server = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = []
+    for pid in pool_pids():
+        status = Path(f"/proc/{pid}/status").read_text()
+        workers.append(int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024)
+    shown = ", ".join(f"{w:.0f}" for w in workers) or "-"
+    return f"peak RSS: server process {server:.0f} MB, workers {shown} MB"
 
 
 def _workload(strategy: str, **changes) -> RunConfig:

@@ -42,7 +42,9 @@ from flwr.common.serde import context_from_proto, context_to_proto, message_from
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-__all__ = ["SharedData", "WorkerPool", "attach", "available_cores", "close_pools", "execute", "shared_pool"]
+__all__ = [
+    "SharedData", "WorkerPool", "attach", "available_cores", "close_pools", "execute", "pool_pids", "shared_pool",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,11 @@ class WorkerPool:
     def alive(self) -> bool:
         return bool(self._workers)
 
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids (to measure or watch them)."""
+        return [worker.process.pid for worker in self._workers]
+
     def share(self, payload: object) -> None:
         """Send every worker ``payload`` for ``setup`` (a description of the run's shared data, not the
         data), in place of the previous run's."""
@@ -353,6 +360,11 @@ def shared_pool(size: int, app_factory: Callable[[], ClientApp], *, setup: Setup
             atexit.register(close_pools)
         pool = _POOLS[key] = WorkerPool(size, app_factory, setup=setup)
     return pool
+
+
+def pool_pids() -> list[int]:
+    """The process ids of every worker :func:`shared_pool` started."""
+    return [pid for pool in _POOLS.values() for pid in pool.pids]
 
 
 def close_pools() -> None:

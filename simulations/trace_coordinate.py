@@ -78,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         replies.clear()
         print(f"round {server_round:3d}: server mean {mean: .4g}, precision {precision:.4g}", flush=True)
 
-    run_algorithm(
+    server = run_algorithm(
         algorithm, trainers, config.rounds, initial_mean(config), seed=config.seed, fraction=config.fraction_train,
         generator_for=lambda r, k: client_generator(config, r, k), on_round=on_round,
         lr_for=lambda r: round_lr(config, r),
     )  # fmt: skip
+    final = server.arrays["mean"].abs()
+    print(f"largest |server mean| at the end: {float(final.max()):.4g} at index {int(final.argmax())}")
     with open(args.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(FIELDS)

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedvb.backends import run, worker_count
+from fedvb.backends import InProcessGrid, act_as_server, run, worker_count
 from fedvb.config import STRATEGIES, RunConfig
 from fedvb.experiment import adopt_prepared, prepare, share_prepared
 from fedvb.workers import WorkerPool
@@ -111,6 +111,7 @@ def obedient_app() -> ClientApp:
 
 
 def job(node: int, *, sleep: float = 0.0, die: bool = False, context: Context | None = None):
+    act_as_server(InProcessGrid(obedient_app(), 1))  # Flower stamps a new message with its runtime's identity
     content = RecordDict({"config": ConfigRecord({"sleep": sleep, "die": die})})
     message = Message(content, dst_node_id=node, message_type="train")
     message.metadata.__dict__["_message_id"] = f"m{node}-{time.monotonic_ns()}"
