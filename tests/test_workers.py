@@ -85,9 +85,13 @@ def test_a_worker_adopts_the_servers_data_from_shared_memory():
         assert np.array_equal(adopted.unlabelled, prepared.unlabelled)
         assert all(np.array_equal(a, b) for a, b in zip(adopted.parts, prepared.parts, strict=True))
     finally:
-        from fedvb import experiment
+        from fedvb import experiment, workers
 
         experiment._ADOPTED.clear()
+        adopted = view = None  # its views go before the blocks close
+        for block in workers._ATTACHED:  # this process is no worker: close what it attached, then unlink
+            block.close()
+        workers._ATTACHED.clear()
         shared.close()
 
 
