@@ -92,7 +92,8 @@ def run_grid(
         ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(_run_one)
-        pending = {remote.remote(c.as_dict(), overwrite): c.out for c in configs}
+        # a task holds one CPU: its clients run in its own process (workers = 1), not on a pool of their own
+        pending = {remote.remote({**c.as_dict(), "workers": 1}, overwrite): c.out for c in configs}
         done = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
