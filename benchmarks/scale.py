@@ -12,8 +12,15 @@ round on that same workload, one worker: the GGN per layer (``curvature = "exact
 sampled label (``"mc"``), and by each example's Jacobian of every output (the generic path, which every
 model used before), timed on one client against that client's local training.
 
+``memory``: IVON-ADMM with the papers' MLP on Fashion-MNIST at K = 100 (cohort fraction 1.0, 10% of the
+rows: 60 a client), K = 1,000 (fraction 0.1, all rows: 60 a client) and K = 10,000 (fraction 0.01, all
+rows: 6 a client), one local epoch, 3 rounds, one worker (every client in the server's process: the
+strictest place to count), each in a fresh process: its peak RSS, the bytes its client store wrote per
+round, the checkpoint's size, and the seconds outside the rounds (start-up, partition, pictures).
+
     python benchmarks/scale.py workers [--workers 2] [--strategies ivon-admm,fedavg] [--rounds 4] [--repeats 2]
     python benchmarks/scale.py curvature [--rounds 4] [--repeats 2]
+    python benchmarks/scale.py memory [--clients 100,1000,10000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -147,6 +154,49 @@ def curvature(args: argparse.Namespace) -> None:
     )
 
 
+MEMORY_RUNS = {100: (1.0, 0.1), 1000: (0.1, 1.0), 10000: (0.01, 1.0)}  # K -> (fraction_train, data_fraction)
+MEMORY_TARGET_MB = {100: 1536, 1000: 1536, 10000: 2048}
+
+
+def memory(args: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+
+    out = Path(tempfile.mkdtemp(prefix="fedvb-scale-"))
+    print(f"IVON-ADMM, Fashion-MNIST, MLP 784-200-100-10, 1 local epoch, {args.rounds} rounds, 1 worker, each K "
+          "in its own process")  # fmt: skip
+    for num_clients in (int(k) for k in args.clients.split(",")):
+        fraction, data_fraction = MEMORY_RUNS[num_clients]
+        folder = out / f"k{num_clients}"
+        config = dict(strategy="ivon-admm", dataset="fashion-mnist", num_clients=num_clients, partition="iid",
+                      fraction_train=fraction, data_fraction=data_fraction, local_test_fraction=0.0,
+                      local_epochs=1, rounds=args.rounds, workers=1, seed=0, out=str(folder))  # fmt: skip
+        started = time.perf_counter()
+        child = subprocess.run([sys.executable, __file__, "_one", json.dumps(config)], capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if child.returncode != 0:
+            raise SystemExit(f"K={num_clients}: the run failed:\n{child.stderr[-2000:]}")
+        peak = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        written = [row["state_bytes_written"] / 2**20 for row in rows]
+        outside = wall - sum(row["wall_time_s"] for row in rows)
+        print(
+            f"K={num_clients:6d} fraction {fraction:<5} cohort {round(fraction * num_clients):4d}: peak RSS "
+            f"{peak:5.0f} MB (target <= {MEMORY_TARGET_MB[num_clients]})   client rows written per round "
+            + "/".join(f"{w:.0f}" for w in written)
+            + f" MB   checkpoint.pt {(folder / 'checkpoint.pt').stat().st_size / 2**20:.1f} MB   "
+            f"{statistics.median(row['wall_time_s'] for row in rows):.1f} s/round   outside the rounds {outside:.0f} s"
+        )
+
+
+def _one(config_json: str) -> None:
+    """One run of ``memory`` in this (fresh) process; prints its peak RSS as the last line."""
+    import resource
+
+    run(RunConfig.from_mapping(json.loads(config_json)))
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,10 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     on_curvature = commands.add_parser("curvature", help="a FedLap-Cov round against a FedAvg round")
     on_curvature.add_argument("--rounds", type=int, default=4)
     on_curvature.add_argument("--repeats", type=int, default=2)
+    on_memory = commands.add_parser("memory", help="peak RSS and bytes written at K = 100, 1,000, 10,000")
+    on_memory.add_argument("--clients", default="100,1000,10000")
+    on_memory.add_argument("--rounds", type=int, default=3)
+    on_one = commands.add_parser("_one", help="(internal) one run of `memory`")
+    on_one.add_argument("config")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # this script is an entry point: one thread, as the CLI
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    {"workers": workers, "curvature": curvature}[args.command](args)
+    if args.command == "_one":
+        return _one(args.config)
+    {"workers": workers, "curvature": curvature, "memory": memory}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -163,4 +163,4 @@ def test_flowers_own_start_loop_runs_a_fedvb_strategy(tmp_path):
     strategy = make_strategy(config)
     strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=config.rounds)
     np.testing.assert_allclose(strategy.mean().numpy(), plain_loop_mean(config), rtol=1e-6, atol=1e-7)
-    assert strategy.posterior() is not None and len(strategy.client_states) == config.num_clients
+    assert strategy.posterior() is not None and len(strategy.client_store) == config.num_clients

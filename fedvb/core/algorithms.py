@@ -17,6 +17,8 @@ a docstring says "mean loss".
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +26,9 @@ import torch
 from torch import Tensor
 
 from fedvb.core.client_solvers import SOLVERS, ClientSolver
+from fedvb.core.client_store import ClientStore, SitesView
 from fedvb.core.duality import Preset, aggregate
-from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
+from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError, sum_natural
 from fedvb.core.robust import MEAN, Combination, clip_to_cohort
 from fedvb.core.tensor_checks import all_close, all_finite
 from fedvb.core.trainers import TorchTrainer
@@ -48,10 +51,13 @@ Arrays = dict[str, Tensor]
 
 @dataclass
 class ServerState:
-    """What the server holds between rounds: tensors by name plus per-client sites (BayesADMM)."""
+    """What the server holds between rounds: tensors by name (those named ``_...`` are the server's own, never
+    sent) plus its record of the clients' sites (BayesADMM): a mapping, read client by client (a
+    :class:`~fedvb.core.client_store.SitesView` over the client store; after a round, the cohort's new
+    sites in front of it until the strategy commits them)."""
 
     arrays: Arrays
-    sites: dict[Any, NaturalParams] = field(default_factory=dict)
+    sites: Mapping[Any, NaturalParams] = field(default_factory=dict)
 
 
 class RejectedReply(ValueError):
@@ -137,6 +143,17 @@ class Algorithm(ABC):
         """The state kept for ``client`` after the server accepted its reply (the client's own, by default)."""
         return state
 
+    def commit(self, server: ServerState, states: dict[Any, Arrays], store: ClientStore) -> ServerState:
+        """After a server round: each accepted client's :meth:`committed_state` put into ``store``; the server
+        state then reads its record of the clients from the store."""
+        for client, state in states.items():
+            store.put(client, self.committed_state(server, client, state))
+        return self.attach(server, store)
+
+    def attach(self, server: ServerState, store: ClientStore) -> ServerState:
+        """``server`` reading its per-client records from ``store`` (nothing to read but for sites)."""
+        return server
+
     def server_mean(self, server: ServerState) -> Tensor:
         return server.arrays["mean"]
 
@@ -185,7 +202,9 @@ class BayesADMM(Algorithm):
     def init_server(self, initial_mean, num_clients):
         prior = self._prior(initial_mean)
         round_zero = torch.tensor(0.0, dtype=initial_mean.dtype)
-        return ServerState({"mean": initial_mean.clone(), "precision": prior.precision.clone(), "round": round_zero})
+        zero = NaturalParams.zeros(prior.dim, self.preset.family, dtype=prior.dtype)
+        return ServerState({"mean": initial_mean.clone(), "precision": prior.precision.clone(), "round": round_zero,
+                            **_site_sum_arrays(zero)})  # fmt: skip
 
     def client_round(self, payload, state, trainer, *, generator):
         family = self.preset.family
@@ -287,26 +306,55 @@ class BayesADMM(Algorithm):
         family = self.preset.family
         replies = self.bound(server, replies)
         server_posterior = self.server_posterior(server)
-        posteriors = []
-        sites = dict(server.sites)
+        posteriors, old_sites, new_sites = [], {}, {}
         for key, reply in replies.items():
             posterior = Gaussian(reply["mean"], reply["precision"], family)
             posteriors.append(posterior)
-            sites[key] = self.preset.update_site(self._site(server, key), posterior, server_posterior)
+            old_sites[key] = self._site(server, key)
+            new_sites[key] = self.preset.update_site(old_sites[key], posterior, server_posterior)
         prior = self._prior(server.arrays["mean"])
-        # Clients never heard from have zero sites, which add nothing to the sum.
-        all_sites = list(sites.values()) or [NaturalParams.zeros(prior.dim, family, dtype=prior.dtype)]
         next_round = server.arrays["round"] + 1
         if not posteriors and self.preset.mixing(num_clients) < 1:
             return ServerState({**server.arrays, "round": next_round}, server.sites)
+        sites = ChainMap(new_sites, server.sites)  # the cohort's new sites before every other client's
+        site_sum = self._site_sum(server, sites, old_sites, new_sites, num_clients)
         new = aggregate(
-            prior, posteriors, all_sites, alpha=self.preset.mixing(num_clients), precision_floor=self.precision_floor,
-            combination=self.combination,
+            prior, posteriors, [], alpha=self.preset.mixing(num_clients), precision_floor=self.precision_floor,
+            combination=self.combination, site_sum=site_sum,
         )  # fmt: skip
-        return ServerState({"mean": new.mean, "precision": new.precision, "round": next_round}, sites)
+        arrays = {"mean": new.mean, "precision": new.precision, "round": next_round, **_site_sum_arrays(site_sum)}
+        return ServerState(arrays, sites)
+
+    def _site_sum(self, server, sites, old_sites, new_sites, num_clients) -> NaturalParams:
+        """``sum_k v_k`` over every client (clients never heard from have zero sites).
+
+        Kept as a running total, updated by the cohort's site changes, so that a round reads no other
+        client's site; recomputed exactly when the cohort is every client (nothing else to read) and when
+        there is no running total (an older checkpoint). A robust combination of the sites
+        (:mod:`fedvb.core.robust`) is not a sum of changes: it reads every client's site each round."""
+        running = "_site_sum_linear" in server.arrays
+        if self.combination.rule == "mean" and running and len(new_sites) < num_clients:
+            total = NaturalParams(server.arrays["_site_sum_linear"], server.arrays["_site_sum_quadratic"],
+                                  self.preset.family)  # fmt: skip
+            for key in sorted(new_sites):
+                total = total + (new_sites[key] - old_sites[key])
+            return total
+        every = [sites[k] for k in sorted(sites)]
+        if not every:
+            like = server.arrays["mean"]
+            return NaturalParams.zeros(like.numel(), self.preset.family, dtype=like.dtype)
+        return sum_natural(every) if self.combination.rule == "mean" else self.combination.natural_sum(every)
+
+    def attach(self, server, store):
+        return ServerState(server.arrays, SitesView(store, self.preset.family))
 
     def server_posterior(self, server):
         return Gaussian(server.arrays["mean"], server.arrays["precision"], self.preset.family)
+
+
+def _site_sum_arrays(total: NaturalParams) -> Arrays:
+    """The running site sum as server tensors (``_``: the server's own, not sent to clients)."""
+    return {"_site_sum_linear": total.linear, "_site_sum_quadratic": total.quadratic}
 
 
 class FedLapFunc(BayesADMM):

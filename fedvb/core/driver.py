@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
+from fedvb.core.client_store import MemoryStore
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import Gaussian, NaturalParams
 from fedvb.core.solvers import LocalSolver
@@ -120,25 +121,23 @@ def run_algorithm(
     (:meth:`~fedvb.core.algorithms.Algorithm.check_reply`) is dropped and
     that client keeps its previous state, as on the Flower backends.
     """
-    server = algorithm.init_server(initial_mean, len(trainers))
-    states: list[dict] = [{} for _ in trainers]
+    store = MemoryStore()
+    server = algorithm.attach(algorithm.init_server(initial_mean, len(trainers)), store)
     for server_round in range(1, rounds + 1):
         payload = algorithm.payload(server)
-        replies = {}
+        replies, states = {}, {}
         for k in sample_participants(len(trainers), fraction, seed=seed, server_round=server_round):
             if lr_for is not None:
                 trainers[k].begin_round(lr_for(server_round))
             reply, state = algorithm.client_round(
-                payload, states[k], trainers[k], generator=generator_for(server_round, k)
+                payload, store.get(k), trainers[k], generator=generator_for(server_round, k)
             )
             try:
                 algorithm.check_reply(server, reply, k)
             except RejectedReply:
                 continue
             replies[k], states[k] = reply, state
-        server = algorithm.server_round(server, replies, len(trainers))
-        for k in replies:
-            states[k] = algorithm.committed_state(server, k, states[k])
+        server = algorithm.commit(algorithm.server_round(server, replies, len(trainers)), states, store)
         if on_round is not None:
             on_round(server_round, server)
     return server

@@ -101,6 +101,7 @@ def aggregate(
     alpha: float,
     precision_floor: float | None = None,
     combination: Combination = MEAN,
+    site_sum: NaturalParams | None = None,
 ) -> Gaussian:
     """Server update ``lambda_bar = (1 - alpha) mean_{k in R} lambda_k + alpha (lambda_0 + sum_{k=1..K} v_k)``.
 
@@ -121,12 +122,15 @@ def aggregate(
 
     ``combination`` replaces the site sum and the posterior average by their robust versions
     (:class:`~fedvb.core.robust.Combination`; the default is the plain sum and mean).
+
+    ``site_sum``: ``sum_k v_k`` when the caller keeps it (a running total over a large federation); then
+    ``sites`` is not read.
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if not sites:
+    if site_sum is None and not sites:
         raise ValueError("aggregate needs the sites of all clients (got none)")
-    natural = prior.natural() + combination.natural_sum(sites)
+    natural = prior.natural() + (combination.natural_sum(sites) if site_sum is None else site_sum)
     if alpha < 1.0:
         if not client_posteriors:
             raise ValueError("aggregate: alpha < 1 needs at least one client posterior this round")

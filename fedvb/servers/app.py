@@ -21,10 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedvb.config import RunConfig
+from fedvb.core.client_store import DiskStore
 from fedvb.experiment import evaluate, test_predictions, write_label_distribution
 from fedvb.metrics import calibration_bins
 from fedvb.plots import plot_curves, plot_reliability
-from fedvb.servers.runfolder import RunFolder
+from fedvb.servers.runfolder import CLIENT_STORE, RunFolder
 from fedvb.strategies import make_strategy
 from fedvb.strategies.base import RoundFailed
 
@@ -53,8 +54,11 @@ def run_server(
     strategy = make_strategy(config)
     folder = RunFolder(config, resume=resume, overwrite=overwrite)
     try:
+        if folder.resumed is None:  # the clients' states live in the run folder, a row per client
+            strategy.use_client_store(DiskStore(folder.path / CLIENT_STORE, config.num_clients))
         _run_rounds(grid, config, strategy, folder, report, round_deadline)
     finally:
+        strategy.client_store.close()
         folder.close()
     return folder
 
@@ -64,7 +68,7 @@ def _run_rounds(
 ) -> None:
     first_round, elapsed_before = 1, 0.0
     if folder.resumed is not None:
-        strategy.load_state_dict(folder.resumed["strategy"])
+        strategy.load_state_dict(folder.resumed["strategy"], folder.path)
         first_round = folder.resumed["round"] + 1
         elapsed_before = folder.rows[-1]["elapsed_s"] if folder.rows else 0.0
     else:
@@ -85,11 +89,13 @@ def _run_rounds(
         posterior = _sampled_posterior(strategy)
         outputs = test_predictions(config, strategy.mean(), posterior)
         metrics = evaluate(config, strategy.mean(), posterior, outputs)
+        state = strategy.state_dict()  # the cohort's client rows flushed to disk
         now = time.perf_counter()
         row = {"round": server_round, **metrics, **strategy.round_log, "retries": retries,
+               "state_bytes_written": strategy.client_store.take_bytes_written(),
                "train_time_s": trained - round_started, "wall_time_s": now - round_started,
                "elapsed_s": now - started}  # fmt: skip
-        folder.end_round(server_round, strategy.state_dict(), row)
+        folder.end_round(server_round, state, row)
         if report is not None:
             report(row)
     totals = {"rounds": config.rounds, "strategy": config.strategy, "total_time_s": time.perf_counter() - started}

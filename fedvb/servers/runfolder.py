@@ -1,10 +1,13 @@
-"""The self-describing run folder: config.toml, metrics.jsonl (and metrics.csv), checkpoint.pt, summary.json,
-posterior.npz and the pictures labels.png, curves.png, reliability.png.
+"""The self-describing run folder: config.toml, metrics.jsonl (and metrics.csv), checkpoint.pt, clients/ (every
+client's state, fedvb.core.client_store), summary.json, posterior.npz and the pictures labels.png, curves.png,
+reliability.png.
 
 Every file is written whole to a temporary name, flushed to disk and renamed,
 so a crash never leaves a half-written file.  After each round the checkpoint
-(the round, the strategy's whole state and every metrics row so far) is
-written before the row is appended to metrics.jsonl; on resume metrics.jsonl
+(the round, the server's state, the manifest of the clients' states and every
+metrics row so far) is written before the row is appended to metrics.jsonl;
+the rows of clients/ it points at are on disk before it is (shadow rows: a
+round writes only slots no checkpoint points at); on resume metrics.jsonl
 is rewritten from the checkpoint, so the two always agree.  No random state
 needs saving: every random stream is derived from (seed, round, client).
 A folder that already holds a run is replaced only when asked (``overwrite``).
@@ -30,6 +33,7 @@ from fedvb.core.gaussian import Gaussian
 
 __all__ = [
     "CHECKPOINT",
+    "CLIENT_STORE",
     "RUN_FILES",
     "RunFolder",
     "check_not_locked",
@@ -43,6 +47,7 @@ CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("config.toml", "metrics.jsonl", "metrics.csv", CHECKPOINT, "summary.json", "posterior.npz",
              "labels.png", "curves.png", "reliability.png")  # fmt: skip
 TENSORBOARD = "tensorboard"
+CLIENT_STORE = "clients"  # the clients' states (fedvb.core.client_store.DiskStore); the checkpoint names its rows
 
 
 def read_checkpoint(path: Path, expected_fingerprint: str | None = None) -> dict[str, Any]:
@@ -152,6 +157,7 @@ class RunFolder:
             for stale in RUN_FILES:  # from the earlier run this one replaces
                 (self.path / stale).unlink(missing_ok=True)
             shutil.rmtree(self.path / TENSORBOARD, ignore_errors=True)
+            shutil.rmtree(self.path / CLIENT_STORE, ignore_errors=True)
             _atomic_write(self.metrics_path, b"")
         self._write_csv()
         from fedvb.provenance import provenance

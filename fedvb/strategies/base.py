@@ -12,10 +12,12 @@ Every reply is screened before it touches the server: error replies, replies
 from clients not asked this round, missing or misshapen tensors, wrong dtypes,
 non-finite values and (BayesADMM) non-positive precisions are rejected with a
 logged reason, and the round goes on with the rest.  Clients' private state
-(sites, duals, control variates, IVON momentum) is held here and travels with
-each message, so a rejected reply leaves that client exactly as it was, and a
-checkpoint of the strategy is a checkpoint of the whole federation whatever
-backend runs the clients.
+(sites, duals, control variates, IVON momentum) is held here, in a client
+store (:mod:`fedvb.core.client_store`: in memory, or in the run folder's files
+when the ServerApp gives the strategy one), and travels with each message, so
+a rejected reply leaves that client exactly as it was, and a checkpoint of the
+strategy is a checkpoint of the whole federation whatever backend runs the
+clients.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from torch import Tensor
 
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
+from fedvb.core.client_store import ClientStore, MemoryStore, restore_store
 from fedvb.core.driver import sample_participants
-from fedvb.core.gaussian import Gaussian, NaturalParams
+from fedvb.core.gaussian import Gaussian
 from fedvb.core.tensor_checks import all_finite
 from fedvb.experiment import initial_mean, make_algorithm, partition_sizes
 from fedvb.records import CONFIG_KEY, config_to_json, from_array_record, join_reply, to_array_record
@@ -96,12 +99,12 @@ class RoundFailed(RuntimeError):
 
 class ReplyScreen:
     """What every fedvb strategy does around the algorithm: address clients, carry their state, screen
-    replies, count bytes.  ``client_states`` and ``traffic`` are read by checkpoints and the run log."""
+    replies, count bytes.  ``client_store`` and ``round_log`` are read by checkpoints and the run log."""
 
     def __init__(self, config: RunConfig, known_examples: dict[int, int] | None = None) -> None:
         self.config = config
         self.addressing = PartitionAddressing(config)
-        self.client_states: dict[int, Arrays] = {}
+        self.client_store: ClientStore = MemoryStore()
         # what each client's reply may claim: the partition sizes of fedvb's data, else what the caller knows
         self.known_examples = partition_sizes(config) if known_examples is None else dict(known_examples)
         self.round_log: dict[str, Any] = {}
@@ -115,8 +118,9 @@ class ReplyScreen:
         down = 0
         for k, message in messages.items():
             message.content["payload"] = to_array_record(payload)  # a fresh record per client
-            if self.client_states.get(k):
-                message.content["state"] = to_array_record(self.client_states[k])
+            state = self.client_store.get(k)
+            if state:
+                message.content["state"] = to_array_record(state)
             down += message.content["payload"].count_bytes()
         if int(config.get("attempt", 0)) == 0:  # a retry adds to its round's log
             self.round_log = {"bytes_down": 0, "bytes_up": 0, "rejected": []}
@@ -170,10 +174,31 @@ class ReplyScreen:
         if known is not None and claimed != known:
             raise RejectedReply(f"num_examples: partition {partition} holds {known} examples, the reply says {claimed}")
 
-    def commit_states(self, accepted: dict[int, tuple[Message, Arrays, Arrays]], algorithm, server) -> None:
-        """Keep each accepted client's state, as the algorithm settles it against the new server state."""
-        for k, (_, _, state) in accepted.items():
-            self.client_states[k] = algorithm.committed_state(server, k, state)
+    def commit_states(
+        self, accepted: dict[int, tuple[Message, Arrays, Arrays]], algorithm: Algorithm, server: ServerState
+    ) -> ServerState:
+        """Keep each accepted client's state, as the algorithm settles it against the new server state; the
+        server state reading its records from the store."""
+        return algorithm.commit(server, {k: state for k, (_, _, state) in accepted.items()}, self.client_store)
+
+    def use_client_store(self, store: ClientStore) -> None:
+        """Hold the clients' states in ``store`` (the ServerApp's run folder); before the first round."""
+        for client in self.client_store.clients():
+            store.put(client, self.client_store.get(client))
+        self.client_store.close()
+        self.client_store = store
+
+    def store_state(self) -> dict[str, Any]:
+        """The client store's checkpoint manifest (its rows made durable first)."""
+        return self.client_store.checkpoint()
+
+    def load_store(self, state: dict[str, Any], folder: str | None) -> None:
+        """The client store of a checkpoint (``client_states``: a checkpoint of an earlier fedvb)."""
+        self.client_store.close()
+        if "client_store" in state:
+            self.client_store = restore_store(state["client_store"], folder)
+        else:
+            self.client_store = MemoryStore(state.get("client_states", {}))
 
 
 class AlgorithmStrategy(ReplyScreen, Strategy):
@@ -192,7 +217,13 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
         super().__init__(config, known_examples)
         self.algorithm = algorithm or make_algorithm(config)
         mean = initial_mean(config) if start is None else start.detach().double()
-        self.server: ServerState = self.algorithm.init_server(mean, config.num_clients)
+        self.server: ServerState = self.algorithm.attach(
+            self.algorithm.init_server(mean, config.num_clients), self.client_store
+        )
+
+    def use_client_store(self, store: ClientStore) -> None:
+        super().use_client_store(store)
+        self.server = self.algorithm.attach(self.server, store)
 
     # -- what the ServerApp reads --------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -205,15 +236,14 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
         return self.algorithm.server_mean(self.server)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the federation holds (server tensors, sites, every client's state), for checkpoints."""
-        sites = {k: {"linear": s.linear, "quadratic": s.quadratic} for k, s in self.server.sites.items()}
-        return {"arrays": self.server.arrays, "sites": sites, "client_states": self.client_states}
+        """Everything the federation holds (server tensors, and the client store's manifest: every client's
+        state, sites among them), for checkpoints."""
+        return {"arrays": self.server.arrays, "client_store": self.store_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        family = getattr(getattr(self.algorithm, "preset", None), "family", None)
-        sites = {k: NaturalParams(s["linear"], s["quadratic"], family) for k, s in state["sites"].items()}
-        self.server = ServerState(dict(state["arrays"]), sites)
-        self.client_states = dict(state["client_states"])
+    def load_state_dict(self, state: dict[str, Any], folder: str | None = None) -> None:
+        """Continue from :meth:`state_dict`'s checkpoint; ``folder``: the run folder a disk store lies in."""
+        self.load_store(state, folder)
+        self.server = self.algorithm.attach(ServerState(dict(state["arrays"])), self.client_store)
 
     # -- Strategy ----------------------------------------------------------------------------------
     def configure_train(
@@ -232,8 +262,7 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
             raise RoundFailed(f"round {server_round}: the aggregate failed ({error}); server state kept") from None
         if not all(all_finite(v) for v in new.arrays.values()):
             raise RoundFailed(f"round {server_round}: the aggregate is not finite; server state kept")
-        self.server = new
-        self.commit_states(accepted, self.algorithm, new)
+        self.server = self.commit_states(accepted, self.algorithm, new)
         self.round_log["clipped"] = list(self.algorithm.clipped)
         count = sum(float(r["num_examples"]) for r in replies_by_client.values())
         return self.initial_arrays(), MetricRecord({"replies": len(accepted), "num-examples": count})

@@ -50,11 +50,11 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
         return self._mean
 
     def state_dict(self) -> dict[str, Any]:
-        return {"arrays": {"mean": self._mean}, "sites": {}, "client_states": self.client_states}
+        return {"arrays": {"mean": self._mean}, "client_store": self.store_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], folder: str | None = None) -> None:
         self._mean = state["arrays"]["mean"]
-        self.client_states = dict(state["client_states"])
+        self.load_store(state, folder)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
