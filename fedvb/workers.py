@@ -181,6 +181,7 @@ def _worker_main(connection: Connection, app_factory: Callable[[], ClientApp], s
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops the workers
     torch.set_num_threads(1)  # this process is one of N: one thread each keeps every core busy, none oversubscribed
     client_app = app_factory()
+    connection.send(("ready",))  # a client's deadline starts when it reaches a worker that can run it, not before
     while True:
         try:
             order = connection.recv()  # from the server process that started us (our own parent)
@@ -202,6 +203,7 @@ class _Worker:
     job: int | None = None  # index of the message it runs in the current call
     started: float = 0.0
     late: bool = False  # it runs a message whose client was given up on
+    ready: bool = False  # it has built its ClientApp (a spawned worker takes seconds to import torch and Flower)
 
 
 class WorkerPool:
@@ -268,7 +270,7 @@ class WorkerPool:
             for slot, worker in enumerate(self._workers):
                 if worker.job is None and not worker.late and pending and not worker.process.is_alive():
                     worker = self._workers[slot] = self._start()  # it died between rounds
-                if worker.job is None and not worker.late and pending:
+                if worker.ready and worker.job is None and not worker.late and pending:
                     index = pending.popleft()
                     message, context = jobs[index]
                     worker.job, worker.started = index, time.monotonic()
@@ -277,13 +279,16 @@ class WorkerPool:
                         send_message(worker.connection, message, context)
                     except (BrokenPipeError, ConnectionResetError):
                         pass  # it died: the wait below sees it and answers for it
-            busy = [w for w in self._workers if w.job is not None or w.late]
-            waits = [worker.started + timeout - time.monotonic() for worker in busy if not worker.late and timeout]
+            busy = [w for w in self._workers if w.job is not None or w.late or not w.ready]
+            waits = [w.started + timeout - time.monotonic() for w in busy if w.job is not None and timeout]
             ready = wait(
                 [w.connection for w in busy] + [w.process.sentinel for w in busy],
                 timeout=max(0.0, min(waits)) if waits else None,
             )
             for slot, worker in enumerate(self._workers):
+                if not worker.ready:
+                    self._await_start(slot, ready)
+                    continue
                 if worker.job is None and not worker.late:
                     continue
                 index, message = worker.job, jobs[worker.job][0] if worker.job is not None else None
@@ -312,6 +317,29 @@ class WorkerPool:
                     if on_done:
                         on_done(finished, len(jobs))
         return results
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every worker has built its ClientApp (to time rounds without the workers' start-up)."""
+        deadline = time.monotonic() + timeout
+        while starting := [w for w in self._workers if not w.ready]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(starting)} worker process(es) not started within {timeout:.0f} s")
+            ready = wait([w.connection for w in starting] + [w.process.sentinel for w in starting], timeout=1.0)
+            for slot in range(len(self._workers)):
+                if not self._workers[slot].ready:
+                    self._await_start(slot, ready)
+
+    def _await_start(self, slot: int, ready: list) -> None:
+        """Mark the worker in ``slot`` ready once it says so; one that died starting cannot run any client."""
+        worker = self._workers[slot]
+        if worker.connection not in ready and worker.process.sentinel not in ready:
+            return
+        try:
+            worker.ready = worker.connection.recv() == ("ready",)
+        except (EOFError, OSError) as err:
+            worker.process.join(5)
+            code = worker.process.exitcode
+            raise RuntimeError(f"a worker process died starting its ClientApp (exit code {code})") from err
 
     @staticmethod
     def _receive(worker: _Worker) -> tuple[Message, Context] | None:

@@ -35,12 +35,14 @@ def readme_command(start: str) -> str:
 
 
 # How far the README's main-job numbers may move on another CPU (same seed, same code): torch's CPU kernels round
-# by the CPU's vector width, and 20 rounds of training carry it on. Measured on three machines' x86 CPUs: IVON-ADMM
-# accuracy 0.7925, 0.7928 and 0.8012 (the third with the code of main at 88cacae as well), NLL 0.5721, 0.5721 and
-# 0.5659, ECE 0.0269, 0.0319 and 0.0239 (a binned statistic: predictions crossing a bin edge move it), predictive
-# accuracy 0.7950, 0.7942 and 0.8004; FedAvg accuracy 0.8050 and 0.8082, NLL 0.5700 and 0.5619, ECE 0.0385 and
-# 0.0399. (10 of the 10,000 test images are 0.001.)
-CPU_ROUNDING = {"accuracy": 0.012, "nll": 0.01, "ece": 0.008, "predictive_accuracy": 0.012, "predictive_nll": 0.01}
+# by the CPU's vector width, and 20 rounds of training carry it on. Measured on three machines' x86 CPUs (the third
+# is the CI machine's AMD EPYC, with the code of main at 88cacae as well): IVON-ADMM accuracy 0.7925, 0.7928 and
+# 0.8012, NLL 0.5721, 0.5721 and 0.5659, ECE 0.0269, 0.0319 and 0.0239 (a binned statistic: predictions crossing a
+# bin edge move it), predictive accuracy 0.7950, 0.7942 and 0.8004; FedAvg accuracy 0.8050, 0.8082 and 0.8106, NLL
+# 0.5700, 0.5619 and 0.5587, ECE 0.0385, 0.0399 and 0.0331. (10 of the 10,000 test images are 0.001.) Each bound is
+# the largest distance from the README seen, plus a third: a real regression (a wrong update, a lost round) moves
+# these by far more.
+CPU_ROUNDING = {"accuracy": 0.012, "nll": 0.016, "ece": 0.008, "predictive_accuracy": 0.012, "predictive_nll": 0.016}
 
 
 def summary(folder: Path) -> dict:

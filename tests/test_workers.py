@@ -136,6 +136,7 @@ def test_a_dead_worker_is_answered_for_and_replaced():
 @pytest.mark.timeout(120)
 def test_a_late_client_is_dropped_and_the_others_run_on():
     with WorkerPool(2, obedient_app) as pool:
+        pool.wait_ready()  # the deadline counts from a client's start on a worker, not from the workers' start-up
         started = time.monotonic()
         results = pool.run([job(1, sleep=6.0), job(2), job(3), job(4)], timeout=2.0)
         took = time.monotonic() - started
@@ -143,6 +144,15 @@ def test_a_late_client_is_dropped_and_the_others_run_on():
         assert took < 5.0, took  # the round did not wait for the late client
         later = pool.run([job(5), job(6)])  # the late client's worker finishes it, then serves again
         assert all(not r[0].has_error() for r in later)
+
+
+@pytest.mark.timeout(120)
+def test_the_deadline_does_not_count_the_workers_start_up():
+    with WorkerPool(2, obedient_app) as pool:  # fresh: its workers take seconds to import torch and Flower
+        started = time.monotonic()
+        results = pool.run([job(1), job(2), job(3)], timeout=0.5)
+        assert time.monotonic() - started > 0.5  # the start-up was longer than the deadline
+        assert all(r is not None and not r[0].has_error() for r in results)
 
 
 @pytest.mark.timeout(120)
