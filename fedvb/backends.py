@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -62,7 +62,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
         self._counter = 0
-        self._busy: dict[int, tuple[threading.Thread, list[str]]] = {}  # node -> its late message's worker
+        self._busy: dict[int, tuple[threading.Thread, list[Message]]] = {}  # node -> its late message's worker
         # receives {"event": "clients", "done": d, "of": n} after each client of a send_and_receive
         self.on_progress: Callable[[dict], None] | None = None
 
@@ -90,60 +90,66 @@ class InProcessGrid(Grid):
         return message_id
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        if self.pool is not None:
-            return self._push_to_pool(list(messages), timeout=None)
-        ids = []
-        for message in messages:
-            message_id = self._stamp(message)
-            self._replies[message_id] = execute(self.client_app, message, self.contexts[message.metadata.dst_node_id])
-            ids.append(message_id)
+        messages = list(messages)
+        replies = list(self._run_messages(messages, timeout=None))  # with no deadline every message is answered
+        ids = [message.metadata.message_id for message in messages]
+        self._replies.update(zip(ids, replies, strict=True))
         return ids
-
-    def _push_to_pool(self, messages: list[Message], *, timeout: float | None) -> list[str]:
-        """Run ``messages`` on the pool; the ids of those that replied (in time), in the messages' order."""
-        ids = [self._stamp(message) for message in messages]
-        jobs = [(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
-        results = self.pool.run(jobs, timeout=timeout, on_done=self._report_progress)
-        answered = []
-        for message_id, message, result in zip(ids, messages, results, strict=True):
-            if result is not None:
-                self._replies[message_id], self.contexts[message.metadata.dst_node_id] = result
-                answered.append(message_id)
-        return answered
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
+        """The replies, as a stream: each message is built (``messages`` may be lazy), run and answered in
+        turn, so a round holds one client's messages at a time, not the cohort's (the caller takes each reply
+        as it comes; the order is the messages' order, on one worker or many)."""
+        return self._run_messages(messages, timeout=timeout)
+
+    def _run_messages(self, messages: Iterable[Message], *, timeout: float | None) -> Iterator[Message]:
+        if not isinstance(messages, Sized):
+            messages = list(messages)
+        total = len(messages)
+        if hasattr(messages, "drain"):  # fedvb's Outgoing: build each message as it is sent, keep none
+            messages = messages.drain()
         if self.pool is not None:
-            return self.pull_messages(self._push_to_pool(messages, timeout=timeout))
+            jobs = ((m, self.contexts[m.metadata.dst_node_id]) for m in self._stamped(messages))
+            for result in self.pool.stream(jobs, total, timeout=timeout, on_done=self._report_progress):
+                if result is not None:
+                    reply, context = result
+                    self.contexts[context.node_id] = context
+                    yield reply
+            return
+        for done, message in enumerate(self._stamped(messages), 1):
+            reply = self._execute(message, timeout)
+            if reply is not None:
+                yield reply
+            self._report_progress(done, total)
+
+    def _stamped(self, messages: Iterable[Message]) -> Iterator[Message]:
+        for message in messages:
+            self._stamp(message)
+            yield message
+
+    def _execute(self, message: Message, timeout: float | None) -> Message | None:
+        """``message``'s reply from the ClientApp in this process; ``None`` when it ran past ``timeout`` (it
+        runs on in a thread; its node finishes it before it takes the next message, whose round it missed)."""
+        node = message.metadata.dst_node_id
         if timeout is None:
-            replies = []
-            for done, message in enumerate(messages, 1):
-                replies.extend(self.pull_messages(self.push_messages([message])))
-                self._report_progress(done, len(messages))
-            return replies
-        replies = []
-        for done, message in enumerate(messages, 1):
-            node = message.metadata.dst_node_id
-            if node in self._busy:
-                late, ids = self._busy.pop(node)
-                late.join()
-                self.pull_messages(ids)  # discarded: its round is over
-            result: list[str] = []
-            worker = threading.Thread(
-                target=lambda m=message, out=result: out.extend(self.push_messages([m])), daemon=True
-            )
-            worker.start()
-            worker.join(timeout)
-            if result:
-                replies.extend(self.pull_messages(result))
-            else:
-                self._busy[node] = (worker, result)
-                log.warning("client on node %s gave no reply within %.1f s", node, timeout)
-            self._report_progress(done, len(messages))
-        return replies
+            return execute(self.client_app, message, self.contexts[node])
+        if node in self._busy:
+            late, _ = self._busy.pop(node)
+            late.join()  # its reply is discarded: its round is over
+        result: list[Message] = []
+        worker = threading.Thread(
+            target=lambda: result.append(execute(self.client_app, message, self.contexts[node])), daemon=True
+        )
+        worker.start()
+        worker.join(timeout)
+        if result:
+            return result[0]
+        self._busy[node] = (worker, result)
+        log.warning("client on node %s gave no reply within %.1f s", node, timeout)
+        return None
 
     def _report_progress(self, done: int, total: int) -> None:
         if self.on_progress is not None:

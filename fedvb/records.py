@@ -26,8 +26,10 @@ def to_array_record(arrays: dict[str, Tensor]) -> ArrayRecord:
     return ArrayRecord({name: value.detach().cpu() for name, value in arrays.items()})
 
 
-def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:
-    return dict(record.to_torch_state_dict())
+def from_array_record(record: ArrayRecord, *, consume: bool = False) -> dict[str, Tensor]:
+    """The record's tensors; ``consume``: emptying the record as it goes, so that its bytes are freed as each
+    tensor is built (a server taking in a large cohort holds one copy of a reply, not two)."""
+    return dict(record.to_torch_state_dict(keep_input=not consume))
 
 
 CONFIG_KEY = "fedvb-config"
@@ -50,7 +52,7 @@ def split_reply(reply: dict[str, Tensor], partition_id: int) -> tuple[ArrayRecor
     return to_array_record(arrays), MetricRecord({"num-examples": count, "partition-id": partition_id})
 
 
-def join_reply(arrays: ArrayRecord, metrics: MetricRecord) -> dict[str, Tensor]:
-    reply = from_array_record(arrays)
+def join_reply(arrays: ArrayRecord, metrics: MetricRecord, *, consume: bool = False) -> dict[str, Tensor]:
+    reply = from_array_record(arrays, consume=consume)
     reply["num_examples"] = torch.tensor(float(metrics["num-examples"]))
     return reply

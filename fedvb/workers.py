@@ -27,8 +27,7 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection, wait
@@ -204,6 +203,8 @@ class _Worker:
     started: float = 0.0
     late: bool = False  # it runs a message whose client was given up on
     ready: bool = False  # it has built its ClientApp (a spawned worker takes seconds to import torch and Flower)
+    message: Message | None = None  # the message it runs (what an error reply answers)
+    context_sent: Context | None = None  # and its node's context as sent (kept when the worker dies)
 
 
 class WorkerPool:
@@ -263,60 +264,90 @@ class WorkerPool:
     ) -> list[tuple[Message, Context] | None]:
         """Each job's reply and its node's updated context, in the jobs' order; ``None`` for a client that
         gave no reply within ``timeout`` seconds of its start. ``on_done(done, total)`` after each."""
-        results: list[tuple[Message, Context] | None] = [None] * len(jobs)
-        pending = deque(range(len(jobs)))
-        finished = 0
-        while finished < len(jobs):
-            for slot, worker in enumerate(self._workers):
-                if worker.job is None and not worker.late and pending and not worker.process.is_alive():
-                    worker = self._workers[slot] = self._start()  # it died between rounds
-                if worker.ready and worker.job is None and not worker.late and pending:
-                    index = pending.popleft()
-                    message, context = jobs[index]
-                    worker.job, worker.started = index, time.monotonic()
-                    try:
-                        worker.connection.send(("run",))
-                        send_message(worker.connection, message, context)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # it died: the wait below sees it and answers for it
-            busy = [w for w in self._workers if w.job is not None or w.late or not w.ready]
-            waits = [w.started + timeout - time.monotonic() for w in busy if w.job is not None and timeout]
-            ready = wait(
-                [w.connection for w in busy] + [w.process.sentinel for w in busy],
-                timeout=max(0.0, min(waits)) if waits else None,
-            )
-            for slot, worker in enumerate(self._workers):
-                if not worker.ready:
-                    self._await_start(slot, ready)
-                    continue
-                if worker.job is None and not worker.late:
-                    continue
-                index, message = worker.job, jobs[worker.job][0] if worker.job is not None else None
-                if worker.connection in ready or worker.process.sentinel in ready:
-                    answer = self._receive(worker)
-                    if answer is None:  # the worker died
-                        code = worker.process.exitcode
-                        self._workers[slot] = self._start()
-                        if worker.late:
-                            continue
-                        reason = f"the worker process running this client died (exit code {code})"
-                        log.warning("client on node %s: %s", message.metadata.dst_node_id, reason)
-                        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                        answer = (Message(error, reply_to=message), jobs[index][1])
-                    elif worker.late:
-                        worker.late = False  # its late reply is discarded: that client's round is over
-                        continue
-                    results[index], worker.job = answer, None
+        return list(self.stream(jobs, len(jobs), timeout=timeout, on_done=on_done))
+
+    def stream(
+        self,
+        jobs: Iterable[tuple[Message, Context]],
+        total: int,
+        *,
+        timeout: float | None = None,
+        on_done: Callable[[int, int], None] | None = None,
+    ) -> Iterator[tuple[Message, Context] | None]:
+        """:meth:`run` as a stream: a job is taken from ``jobs`` (``total`` of them) only when a worker is free,
+        and each result is given as soon as it and every result before it are in (replies out of order wait
+        for those before them, so a consumer sees the jobs' order). A consumer that stops early leaves the
+        workers it had busy finishing, as for a late client; their replies are discarded."""
+        pending = iter(jobs)
+        taken = finished = given = 0
+        results: dict[int, tuple[Message, Context] | None] = {}
+        try:
+            while given < total:
+                for slot, worker in enumerate(self._workers):
+                    idle = worker.job is None and not worker.late
+                    if idle and taken < total and not worker.process.is_alive():
+                        worker = self._workers[slot] = self._start()  # it died between rounds
+                    if worker.ready and worker.job is None and not worker.late and taken < total:
+                        message, context = next(pending)
+                        worker.job, worker.started = taken, time.monotonic()
+                        worker.message, worker.context_sent = message, context
+                        taken += 1
+                        try:
+                            worker.connection.send(("run",))
+                            send_message(worker.connection, message, context)
+                        except (BrokenPipeError, ConnectionResetError):
+                            pass  # it died: the wait below sees it and answers for it
+                for index, result in self._collect(timeout):
+                    results[index] = result
                     finished += 1
                     if on_done:
-                        on_done(finished, len(jobs))
-                elif not worker.late and timeout and time.monotonic() - worker.started >= timeout:
-                    log.warning("client on node %s gave no reply within %.1f s", message.metadata.dst_node_id, timeout)
+                        on_done(finished, total)
+                while given in results:
+                    yield results.pop(given)
+                    given += 1
+        finally:
+            for worker in self._workers:  # stopped early: whatever they run now is given up on
+                if worker.job is not None:
                     worker.job, worker.late = None, True
-                    finished += 1
-                    if on_done:
-                        on_done(finished, len(jobs))
-        return results
+
+    def _collect(self, timeout: float | None) -> list[tuple[int, tuple[Message, Context] | None]]:
+        """Wait for a worker to finish, die, start or run past ``timeout``; the jobs that ended, with their
+        results (``None``: no reply in time)."""
+        busy = [w for w in self._workers if w.job is not None or w.late or not w.ready]
+        waits = [w.started + timeout - time.monotonic() for w in busy if w.job is not None and timeout]
+        ready = wait(
+            [w.connection for w in busy] + [w.process.sentinel for w in busy],
+            timeout=max(0.0, min(waits)) if waits else None,
+        )
+        ended = []
+        for slot, worker in enumerate(self._workers):
+            if not worker.ready:
+                self._await_start(slot, ready)
+                continue
+            if worker.job is None and not worker.late:
+                continue
+            index, message = worker.job, worker.message
+            if worker.connection in ready or worker.process.sentinel in ready:
+                answer = self._receive(worker)
+                if answer is None:  # the worker died
+                    code = worker.process.exitcode
+                    self._workers[slot] = self._start()
+                    if worker.late:
+                        continue
+                    reason = f"the worker process running this client died (exit code {code})"
+                    log.warning("client on node %s: %s", message.metadata.dst_node_id, reason)
+                    error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+                    answer = (Message(error, reply_to=message), worker.context_sent)
+                elif worker.late:
+                    worker.late = False  # its late reply is discarded: that client's round is over
+                    continue
+                worker.job = worker.message = None
+                ended.append((index, answer))
+            elif not worker.late and timeout and time.monotonic() - worker.started >= timeout:
+                log.warning("client on node %s gave no reply within %.1f s", message.metadata.dst_node_id, timeout)
+                worker.job, worker.message, worker.late = None, None, True
+                ended.append((index, None))
+        return ended
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until every worker has built its ClientApp (to time rounds without the workers' start-up)."""

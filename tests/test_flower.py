@@ -164,3 +164,40 @@ def test_flowers_own_start_loop_runs_a_fedvb_strategy(tmp_path):
     strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=config.rounds)
     np.testing.assert_allclose(strategy.mean().numpy(), plain_loop_mean(config), rtol=1e-6, atol=1e-7)
     assert strategy.posterior() is not None and len(strategy.client_store) == config.num_clients
+
+
+def test_an_inprocess_round_holds_one_message_at_a_time_and_the_screen_keeps_none(tmp_path):
+    """Messages are built as the grid sends them and replies taken as they come (memory follows one client,
+    not the cohort); the numbers are those of Flower's own loop over a list (the test above)."""
+    import gc
+
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from fedvb.backends import InProcessGrid, act_as_server
+    from fedvb.clients.app import make_client_app
+    from fedvb.records import to_array_record
+    from fedvb.strategies import make_strategy
+
+    config = small_config("ivon-admm", tmp_path)
+    grid = InProcessGrid(make_client_app(), config.num_clients, seed=3)
+    act_as_server(grid)
+    strategy = make_strategy(config)
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord({"attempt": 0}), grid)
+    assert len(messages) == config.num_clients
+
+    def with_payload() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, Message) and "payload" in o.content)
+
+    replies, held = grid.send_and_receive(messages), []
+
+    def watched():
+        for reply in replies:
+            held.append(with_payload())
+            yield reply
+
+    strategy.aggregate_train(1, watched())
+    assert held == [1] * config.num_clients  # the message just answered, alone: the next is not built yet
+    assert len(strategy.client_store) == config.num_clients and strategy.round_log["rejected"] == []
+    payload = strategy.algorithm.payload(strategy.server)  # the next round's: the same tensors, new values
+    assert strategy.round_log["bytes_down"] == config.num_clients * to_array_record(payload).count_bytes()

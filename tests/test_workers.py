@@ -161,3 +161,31 @@ def test_a_nodes_context_travels_with_its_message_and_comes_back_updated():
         (_, context), _ = pool.run([job(1), job(2)])
         (_, context), = pool.run([job(1, context=context)])  # fmt: skip
         assert context.state["seen"]["count"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_the_stream_takes_a_job_only_when_a_worker_is_free_and_answers_in_order():
+    taken: list[int] = []
+
+    def jobs():
+        for node in range(1, 7):
+            taken.append(node)
+            yield job(node, sleep=0.3 if node != 2 else 0.0)  # the second is fast: its reply waits for the first
+
+    with WorkerPool(2, obedient_app) as pool:
+        pool.wait_ready()
+        stream = pool.stream(jobs(), 6)
+        first = next(stream)
+        assert first[1].node_id == 1 and len(taken) <= 4  # in order; a job is built when a worker is free for it
+        rest = list(stream)
+        assert [context.node_id for _, context in rest] == [2, 3, 4, 5, 6] and taken == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_stopped_early_leaves_the_pool_serving():
+    with WorkerPool(2, obedient_app) as pool:
+        stream = pool.stream(iter([job(1), job(2, sleep=1.0), job(3, sleep=1.0)]), 3)
+        next(stream)
+        stream.close()  # a consumer that gave up: its busy workers finish and their replies are discarded
+        again = pool.run([job(4), job(5)])
+        assert [context.node_id for _, context in again] == [4, 5] and not any(r.has_error() for r, _ in again)

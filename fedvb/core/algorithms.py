@@ -139,6 +139,16 @@ class Algorithm(ABC):
         careful attacker sends, so that only the server's bounds stand in its way: fedvb.faults)."""
         return reply
 
+    def kept_reply(self, reply: Arrays) -> Arrays:
+        """What of a checked reply :meth:`server_round` reads (all of it, by default): a server taking in a
+        large cohort drops the rest as each reply passes the screen."""
+        return reply
+
+    def kept_state(self, state: Arrays) -> Arrays:
+        """What of a client's new state the server holds until :meth:`commit` (all of it, by default);
+        :meth:`committed_state` puts back what the server itself sets."""
+        return state
+
     def committed_state(self, server: ServerState, client: Any, state: Arrays) -> Arrays:
         """The state kept for ``client`` after the server accepted its reply (the client's own, by default)."""
         return state
@@ -293,9 +303,18 @@ class BayesADMM(Algorithm):
             self.clipped += (client,)
         return bounded
 
+    def kept_reply(self, reply):
+        """The posterior and example count: the reply's site is the server's own site step (checked equal by
+        :meth:`check_reply`, recomputed by :meth:`server_round`)."""
+        return {name: value for name, value in reply.items() if name not in _SITE_KEYS}
+
+    def kept_state(self, state):
+        """The client's state less its site, which :meth:`committed_state` takes from the server's record."""
+        return {name: value for name, value in state.items() if name not in _SITE_KEYS}
+
     def committed_state(self, server, client, state):
         """The client keeps the site the server recorded for it (they differ only if its reply was clipped)."""
-        if client not in server.sites or "site_linear" not in state:
+        if client not in server.sites:
             return state
         site = server.sites[client]
         return {**state, "site_linear": site.linear, "site_quadratic": site.quadratic}
@@ -306,18 +325,21 @@ class BayesADMM(Algorithm):
         family = self.preset.family
         replies = self.bound(server, replies)
         server_posterior = self.server_posterior(server)
-        posteriors, old_sites, new_sites = [], {}, {}
-        for key, reply in replies.items():
-            posterior = Gaussian(reply["mean"], reply["precision"], family)
+        running = self._running_site_sum(server, len(replies), num_clients)
+        posteriors, new_sites = [], {}
+        for key in sorted(replies):  # one client at a time: its old site is read, used and dropped
+            posterior = Gaussian(replies[key]["mean"], replies[key]["precision"], family)
             posteriors.append(posterior)
-            old_sites[key] = self._site(server, key)
-            new_sites[key] = self.preset.update_site(old_sites[key], posterior, server_posterior)
+            old_site = self._site(server, key)
+            new_sites[key] = self.preset.update_site(old_site, posterior, server_posterior)
+            if running is not None:
+                running = running + (new_sites[key] - old_site)
         prior = self._prior(server.arrays["mean"])
         next_round = server.arrays["round"] + 1
         if not posteriors and self.preset.mixing(num_clients) < 1:
             return ServerState({**server.arrays, "round": next_round}, server.sites)
         sites = ChainMap(new_sites, server.sites)  # the cohort's new sites before every other client's
-        site_sum = self._site_sum(server, sites, old_sites, new_sites, num_clients)
+        site_sum = running if running is not None else self._exact_site_sum(server, sites)
         new = aggregate(
             prior, posteriors, [], alpha=self.preset.mixing(num_clients), precision_floor=self.precision_floor,
             combination=self.combination, site_sum=site_sum,
@@ -325,20 +347,19 @@ class BayesADMM(Algorithm):
         arrays = {"mean": new.mean, "precision": new.precision, "round": next_round, **_site_sum_arrays(site_sum)}
         return ServerState(arrays, sites)
 
-    def _site_sum(self, server, sites, old_sites, new_sites, num_clients) -> NaturalParams:
-        """``sum_k v_k`` over every client (clients never heard from have zero sites).
-
-        Kept as a running total, updated by the cohort's site changes, so that a round reads no other
-        client's site; recomputed exactly when the cohort is every client (nothing else to read) and when
-        there is no running total (an older checkpoint). A robust combination of the sites
-        (:mod:`fedvb.core.robust`) is not a sum of changes: it reads every client's site each round."""
+    def _running_site_sum(self, server: ServerState, cohort: int, num_clients: int) -> NaturalParams | None:
+        """The server's running total ``sum_k v_k``, which the cohort's site changes update, so that a round
+        reads no other client's site; ``None`` where the round sums every site exactly instead: when the
+        cohort is every client (nothing else to read), when there is no running total (an older checkpoint),
+        and for a robust combination of the sites (:mod:`fedvb.core.robust`), which is not a sum of changes."""
         running = "_site_sum_linear" in server.arrays
-        if self.combination.rule == "mean" and running and len(new_sites) < num_clients:
-            total = NaturalParams(server.arrays["_site_sum_linear"], server.arrays["_site_sum_quadratic"],
-                                  self.preset.family)  # fmt: skip
-            for key in sorted(new_sites):
-                total = total + (new_sites[key] - old_sites[key])
-            return total
+        if self.combination.rule != "mean" or not running or cohort >= num_clients:
+            return None
+        return NaturalParams(server.arrays["_site_sum_linear"], server.arrays["_site_sum_quadratic"],
+                             self.preset.family)  # fmt: skip
+
+    def _exact_site_sum(self, server: ServerState, sites: Mapping[Any, NaturalParams]) -> NaturalParams:
+        """``sum_k v_k`` over every client, in client order (clients never heard from have zero sites)."""
         every = [sites[k] for k in sorted(sites)]
         if not every:
             like = server.arrays["mean"]
@@ -350,6 +371,9 @@ class BayesADMM(Algorithm):
 
     def server_posterior(self, server):
         return Gaussian(server.arrays["mean"], server.arrays["precision"], self.preset.family)
+
+
+_SITE_KEYS = ("site_linear", "site_quadratic")
 
 
 def _site_sum_arrays(total: NaturalParams) -> Arrays:

@@ -134,7 +134,7 @@ def aggregate(
     if alpha < 1.0:
         if not client_posteriors:
             raise ValueError("aggregate: alpha < 1 needs at least one client posterior this round")
-        average = combination.natural_mean([q.natural() for q in client_posteriors])
+        average = combination.natural_mean(q.natural() for q in client_posteriors)  # each freed once added
         natural = (1.0 - alpha) * average + alpha * natural
     if precision_floor is not None:
         clamped = natural.family.clamp(natural.quadratic, precision_floor)

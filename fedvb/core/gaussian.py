@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -396,19 +397,25 @@ class NaturalParams:
         return self * (1.0 / scale)
 
 
-def sum_natural(items: list[NaturalParams] | tuple[NaturalParams, ...]) -> NaturalParams:
-    """The sum of a non-empty sequence of natural parameters."""
-    if not items:
+def sum_natural(items: Iterable[NaturalParams]) -> NaturalParams:
+    """The sum of a non-empty sequence of natural parameters, left to right (a stream is summed as it comes:
+    each term can be freed once added)."""
+    return _fold(items)[0]
+
+
+def mean_natural(items: Iterable[NaturalParams]) -> NaturalParams:
+    """The average of a non-empty sequence of natural parameters (:func:`sum_natural` over the count)."""
+    total, count = _fold(items)
+    return total / count
+
+
+def _fold(items: Iterable[NaturalParams]) -> tuple[NaturalParams, int]:
+    total, count = None, 0
+    for item in items:
+        total, count = (item if total is None else total + item), count + 1
+    if total is None:
         raise ValueError("sum_natural needs at least one term")
-    total = items[0]
-    for item in items[1:]:
-        total = total + item
-    return total
-
-
-def mean_natural(items: list[NaturalParams] | tuple[NaturalParams, ...]) -> NaturalParams:
-    """The average of a non-empty sequence of natural parameters."""
-    return sum_natural(items) / len(items)
+    return total, count
 
 
 @dataclass(frozen=True, eq=False)

@@ -41,7 +41,7 @@ trimmed mean is biased towards the cohort's centre); ``benchmarks/results/robust
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,10 +105,12 @@ class Combination:
         kept_w = w[kept]  # each kept value's own weight
         return (kept_w * values).sum(0) / kept_w.sum(0)
 
-    def natural_mean(self, items: Sequence[NaturalParams]) -> NaturalParams:
-        """The combined average of natural parameters (linear and quadratic part each coordinate-wise)."""
+    def natural_mean(self, items: Iterable[NaturalParams]) -> NaturalParams:
+        """The combined average of natural parameters (linear and quadratic part each coordinate-wise); the
+        plain mean takes a stream term by term."""
         if self.rule == "mean":
-            return mean_natural(list(items))
+            return mean_natural(items)
+        items = list(items)
         like = items[0]
         linear = self.mean([i.linear for i in items]).to(like.linear)
         quadratic = self.mean([i.quadratic for i in items]).to(like.quadratic)

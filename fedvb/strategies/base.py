@@ -23,7 +23,7 @@ clients.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -40,7 +40,7 @@ from fedvb.core.tensor_checks import all_finite
 from fedvb.experiment import initial_mean, make_algorithm, partition_sizes
 from fedvb.records import CONFIG_KEY, config_to_json, from_array_record, join_reply, to_array_record
 
-__all__ = ["AlgorithmStrategy", "PartitionAddressing", "ReplyScreen", "RoundFailed"]
+__all__ = ["AlgorithmStrategy", "Outgoing", "PartitionAddressing", "ReplyScreen", "RoundFailed"]
 
 Arrays = dict[str, Tensor]
 
@@ -93,6 +93,44 @@ class PartitionAddressing:
         }
 
 
+class Outgoing(Sequence[Message]):
+    """A round's messages, each given its payload record and client state when it is first taken: a sized
+    sequence for any Flower grid (Flower's own grids iterate it more than once), and :meth:`drain` for one
+    that sends each message as it is built (:class:`~fedvb.backends.InProcessGrid`), so that a round holds
+    one message at a time, not the cohort's."""
+
+    def __init__(self, messages: dict[int, Message], payload: Arrays, screen: ReplyScreen) -> None:
+        self._bare = list(messages.items())  # (client, message without payload), in the sampled order
+        self._built: dict[int, Message] = {}
+        self._payload, self._screen = payload, screen
+
+    def __len__(self) -> int:
+        return len(self._bare)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        if index not in self._built:
+            self._built[index] = self._build(*self._bare[index])
+        return self._built[index]
+
+    def drain(self) -> Iterator[Message]:
+        """Each message once, built as it is taken and not kept here."""
+        for index, (client, message) in enumerate(self._bare):
+            self._bare[index] = (client, None)  # the message grows its payload: only the taker holds it now
+            built = self._built.pop(index, None)
+            yield built if built is not None else self._build(client, message)
+
+    def _build(self, client: int, message: Message) -> Message:
+        message.content["payload"] = to_array_record(self._payload)  # a fresh record per client
+        state = self._screen.client_store.get(client)
+        if state:
+            message.content["state"] = to_array_record(state)
+        self._screen.round_log["bytes_down"] += message.content["payload"].count_bytes()
+        return message
+
+
 class RoundFailed(RuntimeError):
     """Too few accepted replies, or an aggregate that is not finite: the round changed nothing (retry it)."""
 
@@ -110,33 +148,38 @@ class ReplyScreen:
         self.round_log: dict[str, Any] = {}
         self._asked: set[int] = set()
 
-    def outgoing(self, grid: Grid, server_round: int, config: ConfigRecord, payload: Arrays) -> list[Message]:
-        """This round's messages: payload plus each client's own state (state bytes are not counted: in a
+    def outgoing(self, grid: Grid, server_round: int, config: ConfigRecord, payload: Arrays) -> Outgoing:
+        """This round's messages, each built with the payload and its client's own state as it is taken, so
+        that a grid sending them one at a time holds one at a time (state bytes are not counted: in a
         deployment the state never leaves the client)."""
         messages = self.addressing.messages(grid, server_round, config)
         self._asked = set(messages)
-        down = 0
-        for k, message in messages.items():
-            message.content["payload"] = to_array_record(payload)  # a fresh record per client
-            state = self.client_store.get(k)
-            if state:
-                message.content["state"] = to_array_record(state)
-            down += message.content["payload"].count_bytes()
         if int(config.get("attempt", 0)) == 0:  # a retry adds to its round's log
             self.round_log = {"bytes_down": 0, "bytes_up": 0, "rejected": []}
-        self.round_log["bytes_down"] += down
-        return list(messages.values())
+        return Outgoing(messages, payload, self)
 
     def screen(
-        self, server_round: int, replies: Iterable[Message], algorithm: Algorithm, server: ServerState
-    ) -> dict[int, tuple[Message, Arrays, Arrays]]:
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        algorithm: Algorithm,
+        server: ServerState,
+        *,
+        keep_messages: bool = False,
+    ) -> dict[int, tuple[Message | None, Arrays, Arrays]]:
         """The accepted replies by partition as ``(message, reply, new_state)``, in partition order.
 
-        Raises :class:`RoundFailed` (having changed nothing) below ``min_replies``."""
-        accepted: dict[int, tuple[Message, Arrays, Arrays]] = {}
-        replies = list(replies)
+        Replies are taken one at a time (``replies`` may be a stream): each is checked, then only what the
+        algorithm reads of it is kept (:meth:`~fedvb.core.algorithms.Algorithm.kept_reply`, ``kept_state``)
+        and its message is emptied and dropped, so a round holds one copy of what it needs, not the cohort's
+        whole messages twice. ``keep_messages``: keep each accepted message whole (in place of ``None``), for
+        a strategy that hands them on (Flower's FedAvg averages messages). Raises :class:`RoundFailed`
+        (having changed nothing) below ``min_replies``."""
+        accepted: dict[int, tuple[Message | None, Arrays, Arrays]] = {}
+        answered: set[int | None] = set()
         for message in replies:
             source = message.metadata.src_node_id
+            answered.add(self.addressing.partition_of(source))
             try:
                 if message.has_error():
                     raise ValueError(f"client error: {message.error.reason.strip().splitlines()[0]}")
@@ -144,8 +187,10 @@ class ReplyScreen:
                 partition = int(message.content["metrics"]["partition-id"])
                 if partition not in self._asked or partition in accepted:
                     raise ValueError(f"partition {partition} was not asked this round or replied twice")
-                reply = join_reply(message.content["reply"], message.content["metrics"])
-                state = from_array_record(message.content["state"]) if "state" in message.content else {}
+                consume = not keep_messages
+                reply = join_reply(message.content["reply"], message.content["metrics"], consume=consume)
+                content = message.content
+                state = from_array_record(content["state"], consume=consume) if "state" in content else {}
                 algorithm.check_reply(server, reply, partition)
                 self._check_examples(partition, reply)
             except (KeyError, TypeError, ValueError) as error:  # RejectedReply is a ValueError
@@ -154,8 +199,8 @@ class ReplyScreen:
                             error)  # fmt: skip
                 self.round_log["rejected"].append({"client": client, "node": source, "reason": str(error)})
                 continue
-            accepted[partition] = (message, reply, state)
-        answered = {self.addressing.partition_of(m.metadata.src_node_id) for m in replies}
+            kept = message if keep_messages else None
+            accepted[partition] = (kept, algorithm.kept_reply(reply), algorithm.kept_state(state))
         for client in sorted(self._asked - answered):  # lost: a timeout, a dead worker, a dropped message
             log.warning("round %d: no reply from client %d", server_round, client)
             node = self.addressing.node_of.get(client)
@@ -175,7 +220,7 @@ class ReplyScreen:
             raise RejectedReply(f"num_examples: partition {partition} holds {known} examples, the reply says {claimed}")
 
     def commit_states(
-        self, accepted: dict[int, tuple[Message, Arrays, Arrays]], algorithm: Algorithm, server: ServerState
+        self, accepted: dict[int, tuple[Message | None, Arrays, Arrays]], algorithm: Algorithm, server: ServerState
     ) -> ServerState:
         """Keep each accepted client's state, as the algorithm settles it against the new server state; the
         server state reading its records from the store."""

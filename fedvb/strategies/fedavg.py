@@ -65,7 +65,7 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server = ServerState({"mean": self._mean})
-        accepted = self.screen(server_round, replies, self.algorithm, server)
+        accepted = self.screen(server_round, replies, self.algorithm, server, keep_messages=True)
         bounded = self.algorithm.bound(server, {k: reply for k, (_, reply, _) in accepted.items()})
         for k, (message, reply, _) in accepted.items():
             if bounded[k]["mean"] is not reply["mean"]:  # clipped: Flower averages what the message holds
