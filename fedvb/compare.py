@@ -70,11 +70,11 @@ def load_run(path: str | Path) -> Run:
 
 
 def _from_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Columns read off the rounds: the papers' mean of the last 3 rounds (accuracy, NLL) and the mean
+    """Columns read off the rounds: the papers' mean of the last 3 (evaluated) rounds (accuracy, NLL) and the mean
     seconds per round (the rounds' own wall time, without start-up)."""
     derived = {}
     for name in ("accuracy", "nll"):
-        values = [r[name] for r in rows[-3:] if _number(r.get(name))]
+        values = [r[name] for r in rows if _number(r.get(name))][-3:]  # the last 3 evaluated rounds
         if len(values) == 3:
             derived[f"{name}_last3"] = float(np.mean(values))
     times = [r["wall_time_s"] for r in rows if _number(r.get("wall_time_s"))]

@@ -28,6 +28,7 @@ SOLVERS = ("", "exact", "laplace", "ivon")
 FAMILIES = ("", "isotropic", "diagonal", "dense")
 IVON_KERNELS = ("auto", "torch", "native")
 LOGGERS = ("", "tensorboard")
+EVAL_CLIENTS_AUTO = 100  # eval_clients = -1: past this many clients a sample, so evaluation follows the cohort
 # the client solver of each BayesADMM preset when the solver key is left empty
 DEFAULT_SOLVER = {name: ALGORITHMS[name].solver.name for name in BAYES_ADMM}
 PROVENANCE = "provenance"  # the table of a saved config.toml that records what produced the run
@@ -130,6 +131,19 @@ class RunConfig:
                        "per example from the model: one backward pass, unbiased)", choices=CURVATURES),
     )  # fmt: skip
     eval_samples: int = field(default=32, metadata=_meta("posterior-predictive samples at evaluation", min=0))
+    eval_every: int = field(
+        default=1, metadata=_meta("evaluate the server model every this many rounds (and after the last)", min=1)
+    )
+    predictive_every: int = field(
+        default=1,
+        metadata=_meta("add the predictive (eval_samples draws) to evaluated rounds that are multiples of this "
+                       "(and to the last)", min=1),
+    )  # fmt: skip
+    eval_clients: int = field(
+        default=-1,
+        metadata=_meta("clients whose local test split is scored (a sample drawn once per run); -1: every "
+                       f"client up to {EVAL_CLIENTS_AUTO}, else {EVAL_CLIENTS_AUTO}; 0: every client", min=-1),
+    )  # fmt: skip
     device: str = field(default="cpu", metadata=_meta("cpu, cuda or auto (cuda when available)"))
     client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))
     client_gpus: float = field(default=0.0, metadata=_meta("ray: GPUs per client (fractions share a GPU)", ge=0))
@@ -312,6 +326,23 @@ class RunConfig:
         if self.local_test_fraction >= 0:
             return self.local_test_fraction
         return 0.0 if self.data else 0.2
+
+    @property
+    def eval_client_count(self) -> int:
+        """How many clients' local test splits are scored (resolving -1 and 0)."""
+        if self.eval_clients == 0 or (self.eval_clients < 0 and self.num_clients <= EVAL_CLIENTS_AUTO):
+            return self.num_clients
+        return min(self.num_clients, EVAL_CLIENTS_AUTO if self.eval_clients < 0 else self.eval_clients)
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` ends with the server model scored on the test set."""
+        return server_round % self.eval_every == 0 or server_round == self.rounds
+
+    def predicts(self, server_round: int) -> bool:
+        """Whether an evaluated ``server_round`` adds the Monte Carlo predictive."""
+        return (self.evaluates(server_round) and server_round % self.predictive_every == 0) or (
+            server_round == self.rounds
+        )
 
     @property
     def hidden_sizes(self) -> list[int]:

@@ -462,7 +462,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Server-model metrics on the test set (:func:`fedvb.metrics.score` of the posterior mean, and with the
     prefix ``predictive_`` of the Monte Carlo predictive) and the mean model's accuracy on each client's
-    local test split (mean, worst, spread). ``outputs``: :func:`test_predictions` if already computed."""
+    local test split (mean, worst, spread; over :func:`scored_clients`). ``outputs``:
+    :func:`test_predictions` if already computed."""
     prepared = prepare(config)
     dataset = prepared.dataset
     outputs = test_predictions(config, mean, posterior) if outputs is None else outputs
@@ -476,10 +477,11 @@ def evaluate(
     if dataset.task == "classification" and prepared.local_tests and all(len(t) for t in prepared.local_tests):
         # the server model on each client's local test split: how evenly it serves the clients
         trainer = _eval_trainer(_key(config), config.device)
-        rows = np.concatenate(prepared.local_tests)
+        tests = [prepared.local_tests[k] for k in scored_clients(config)]
+        rows = np.concatenate(tests)
         correct = (trainer.predict(mean, torch.as_tensor(dataset.x_train[rows])).cpu().argmax(1)
                    == torch.as_tensor(dataset.y_train[rows])).float().numpy()  # fmt: skip
-        bounds = np.cumsum([0] + [len(t) for t in prepared.local_tests])
+        bounds = np.cumsum([0] + [len(t) for t in tests])
         per_client = np.array([correct[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
         metrics.update(
             client_accuracy_mean=float(per_client.mean()),
@@ -487,6 +489,16 @@ def evaluate(
             client_accuracy_std=float(per_client.std()),
         )
     return metrics
+
+
+def scored_clients(config: RunConfig) -> np.ndarray:
+    """The clients whose local test splits :func:`evaluate` scores: all of them, or ``eval_client_count``
+    drawn once per run (the same clients every round, so the curve follows the model, not the draw)."""
+    count = config.eval_client_count
+    if count >= config.num_clients:
+        return np.arange(config.num_clients)
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xE7A1]))
+    return np.sort(rng.choice(config.num_clients, size=count, replace=False))
 
 
 def write_label_distribution(config: RunConfig, path) -> None:

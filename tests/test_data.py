@@ -16,6 +16,7 @@ from fedvb.data import (
     plot_label_distribution,
 )
 from fedvb.data import datasets as datasets_module
+from fedvb.data import partition as partition_module
 from fedvb.data.pickle_data import UnsafePickleError, load_pickled_data
 from fedvb.data.readers import read_cifar10_python, read_idx
 from tests.marks import needs_data
@@ -206,6 +207,22 @@ def test_partitions_cover_the_data_once_and_are_seeded(scheme, options):
     if scheme != "size":
         other = partition_indices(LABELS, scheme, 10, seed=2, **options)
         assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+@pytest.mark.parametrize(
+    "scheme, options",
+    [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("inner-dirichlet", {"alpha": 0.5}),
+     ("pathological", {"classes_per_client": 2}), ("shard", {"shards_per_client": 2}),
+     ("size", {"sizes": [1000, 2000, 501, 1500, 100, 100, 99]})],
+)  # fmt: skip
+def test_partitions_read_off_the_partitioner_equal_flwr_datasets_own_load_partition(scheme, options, monkeypatch):
+    """The start-up shortcut (no Arrow table per client) must give flwr-datasets' partitions exactly; 6,001
+    rows over 7 clients so that the IID shards are uneven."""
+    labels = np.append(LABELS, 3)
+    fast = partition_indices(labels, scheme, 7, seed=4, **options)
+    monkeypatch.setattr(partition_module, "_chosen_positions", lambda partitioner, size: None)
+    loaded = partition_indices(labels, scheme, 7, seed=4, **options)
+    assert [p.tolist() for p in fast] == [p.tolist() for p in loaded]
 
 
 def test_two_class_split_gives_exactly_two_classes_of_300():

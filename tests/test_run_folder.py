@@ -159,3 +159,36 @@ def test_the_label_picture_stays_readable_at_any_number_of_clients(clients, tmp_
     with Image.open(path) as image:
         assert image.size[0] <= 2000 and image.size[1] <= 800  # bounded whatever the number of clients
         assert np.asarray(image.convert("L")).std() > 10
+
+
+def test_the_evaluation_schedule_scores_the_rounds_it_names_and_the_same_model_as_every_round(tmp_path):
+    """eval_every = 2, predictive_every = 4 over 5 rounds: rounds 2 and 4 scored, the predictive at 4, and
+    round 5 (the last) scored with both; training is untouched, so every scored round's numbers equal
+    those of a run that scores every round."""
+    every = {**SMALL, "strategy": "ivon-admm", "rounds": 5, "local_test_fraction": 0.2}
+    run(RunConfig.from_mapping({**every, "out": str(tmp_path / "every")}))
+    run(RunConfig.from_mapping({**every, "eval_every": 2, "predictive_every": 4, "out": str(tmp_path / "sched")}))
+    full, scheduled = rows_of(tmp_path / "every"), rows_of(tmp_path / "sched")
+    assert [("accuracy" in r, "predictive_accuracy" in r) for r in scheduled] == [
+        (False, False), (True, False), (False, False), (True, True), (True, True)
+    ]  # fmt: skip
+    for row, reference in zip(scheduled, full):
+        for key in ("accuracy", "nll", "predictive_nll", "client_accuracy_worst"):
+            if key in row:
+                assert row[key] == reference[key], (row["round"], key)
+    summary = json.loads((tmp_path / "sched" / "summary.json").read_text())
+    assert summary["accuracy"] == full[-1]["accuracy"] and summary["predictive_nll"] == full[-1]["predictive_nll"]
+
+
+def test_eval_clients_scores_a_fixed_sample_past_the_automatic_bound():
+    from fedvb.experiment import scored_clients
+
+    config = RunConfig.from_mapping({**SMALL, "num_clients": 250})
+    sample = scored_clients(config)
+    assert config.eval_clients == -1 and len(sample) == 100 == len(np.unique(sample))
+    assert sample.tolist() == sorted(sample.tolist()) and sample.tolist() == scored_clients(config).tolist()
+    assert scored_clients(config.replace(eval_clients=0)).tolist() == list(range(250))
+    assert len(scored_clients(config.replace(eval_clients=7))) == 7
+    assert scored_clients(config.replace(num_clients=40)).tolist() == list(range(40))  # every client up to 100
+    with pytest.raises(ConfigError, match="eval_every"):
+        RunConfig.from_mapping({**SMALL, "eval_every": 0})

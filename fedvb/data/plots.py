@@ -18,7 +18,8 @@ def _heatmap(plt, counts: np.ndarray, names: Sequence[str], path: str | Path, ti
     totals = counts.sum(1)
     shares = counts / np.maximum(totals, 1)[:, None]
     fig, (top, ax) = plt.subplots(2, 1, figsize=(12.0, 5.0), sharex=True, gridspec_kw={"height_ratios": [1, 3]})
-    top.bar(np.arange(len(totals)), totals, width=1.0, color="grey")
+    # one filled step line, not a bar per client: 10,000 bars cost 10 s to draw
+    top.fill_between(np.arange(len(totals) + 1) - 0.5, np.append(totals, totals[-1]), step="post", color="grey")
     top.set_ylabel("examples")
     top.set_title(title)
     image = ax.imshow(shares.T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)

@@ -76,7 +76,7 @@ def _run_rounds(
         folder.write_picture("labels.png", lambda path: write_label_distribution(config, path))
     started = time.perf_counter() - elapsed_before
     status = {"status": "completed"}
-    outputs = None  # the last round's test predictions, for the pictures
+    outputs, evaluated = None, 0  # the last evaluated round's test predictions, for the pictures
     for server_round in range(first_round, config.rounds + 1):
         round_started = time.perf_counter()
         try:
@@ -86,9 +86,11 @@ def _run_rounds(
             status = {"status": "stopped", "reason": str(error)}
             break
         trained = time.perf_counter()
-        posterior = _sampled_posterior(strategy)
-        outputs = test_predictions(config, strategy.mean(), posterior)
-        metrics = evaluate(config, strategy.mean(), posterior, outputs)
+        metrics = {}
+        if config.evaluates(server_round):  # eval_every, predictive_every: the last round always has both
+            posterior = _sampled_posterior(strategy) if config.predicts(server_round) else None
+            outputs, evaluated = test_predictions(config, strategy.mean(), posterior), server_round
+            metrics = evaluate(config, strategy.mean(), posterior, outputs)
         state = strategy.state_dict()  # the cohort's client rows flushed to disk
         now = time.perf_counter()
         row = {"round": server_round, **metrics, **strategy.round_log, "retries": retries,
@@ -104,7 +106,7 @@ def _run_rounds(
         totals["status"] = "completed_with_losses"  # never a silent "completed" when replies were lost
     totals["bytes_total"] = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in folder.rows)
     folder.finish(strategy.mean(), strategy.posterior(), totals)
-    if outputs is None and folder.rows:  # resumed after the last round: nothing evaluated in this process
+    if folder.rows and evaluated != folder.rows[-1]["round"]:  # resumed after the last round, or stopped
         outputs = test_predictions(config, strategy.mean(), _sampled_posterior(strategy))
     _write_pictures(config, folder, outputs, posterior=strategy.algorithm.uncertainty)
 
