@@ -181,6 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             check_out_folder(config.out, overwrite=args.overwrite)
         _check_runnable(config)
+        if args.resume:
+            from fedvb.servers.app import check_resumable
+
+            check_resumable(config)  # a received folder's checkpoint and client rows, before anything starts
     except (ValueError, FileNotFoundError) as error:  # ConfigError, data and partition errors name their field
         return _fail(error)
     import torch

@@ -298,3 +298,102 @@ def test_a_scheduled_run_cannot_be_resumed_over_other_rounds(tmp_path, capsys):
     assert main(["run", *SMALL, "--set", "lr_schedule=cosine", "--out", str(out), "--quiet"]) == 0
     assert main(["run", "--resume", str(out), "--rounds", "5"]) == 2
     assert "lr_schedule 'cosine' runs over the" in capsys.readouterr().err
+
+
+def _crafted(checkpoint: dict, folder: Path, case: str) -> None:
+    """Edit a finished run's checkpoint (and client rows) as a sender of a run folder could."""
+    strategy, store = checkpoint["strategy"], checkpoint["strategy"]["client_store"]
+    layout, slots = store["layout"], store["slots"]
+    if case == "state-name-leaves-the-folder":
+        layout["../../x"], slots["../../x"] = layout.pop("site_linear"), slots.pop("site_linear")
+    elif case == "dtype-not-a-dtype":
+        layout["site_linear"]["dtype"] = "load"
+    elif case == "negative-shape":
+        layout["site_linear"]["shape"] = [-1]
+    elif case == "site-shape-not-the-model":
+        layout["site_linear"]["shape"] = [3]
+        (folder / "clients" / "site_linear.bin").write_bytes(bytes(2 * 5 * 3 * 8))
+    elif case == "momentum-shape-not-the-model":
+        layout["ivon_momentum"]["shape"] = [7]
+        (folder / "clients" / "ivon_momentum.bin").write_bytes(bytes(2 * 5 * 7 * 4))
+    elif case == "slots-of-another-federation":
+        slots["site_linear"] = torch.zeros(9, dtype=torch.int8)
+    elif case == "slot-out-of-range":
+        slots["site_linear"] = torch.full((5,), 5, dtype=torch.int8)
+    elif case == "store-folder-outside":
+        store["folder"] = "../elsewhere"
+    elif case == "store-of-more-clients":
+        store["num_clients"] = 7
+    elif case == "rows-truncated":
+        path = folder / "clients" / "site_quadratic.bin"
+        path.write_bytes(path.read_bytes()[:-8])
+    elif case == "rows-missing":
+        (folder / "clients" / "site_quadratic.bin").unlink()
+    elif case == "unknown-store-kind":
+        store["kind"] = "pickle"
+    elif case == "store-not-a-table":
+        strategy["client_store"] = [1, 2]
+    elif case == "memory-store-names-other-clients":
+        strategy["client_store"] = {"kind": "memory", "states": {99: {"site_linear": torch.zeros(12)}}}
+    elif case == "memory-store-site-not-the-model":
+        strategy["client_store"] = {"kind": "memory", "states": {1: {"site_linear": torch.zeros(3)}}}
+    elif case == "server-array-missing":
+        del strategy["arrays"]["precision"]
+    elif case == "server-array-wrong-shape":
+        strategy["arrays"]["mean"] = torch.zeros(4, dtype=torch.float64)
+    elif case == "server-array-wrong-dtype":
+        strategy["arrays"]["mean"] = strategy["arrays"]["mean"].float()
+    elif case == "server-array-not-finite":
+        strategy["arrays"]["precision"] = torch.full_like(strategy["arrays"]["precision"], float("inf"))
+    elif case == "rows-not-the-rounds":
+        checkpoint["rows"] = checkpoint["rows"][:1]
+    elif case == "round-not-a-number":
+        checkpoint["round"] = "2"
+    else:
+        raise AssertionError(case)
+
+
+CRAFTED = (
+    "state-name-leaves-the-folder", "dtype-not-a-dtype", "negative-shape", "site-shape-not-the-model",
+    "momentum-shape-not-the-model", "slots-of-another-federation", "slot-out-of-range", "store-folder-outside",
+    "store-of-more-clients", "rows-truncated", "rows-missing", "unknown-store-kind", "store-not-a-table",
+    "memory-store-names-other-clients", "memory-store-site-not-the-model", "server-array-missing",
+    "server-array-wrong-shape", "server-array-wrong-dtype", "server-array-not-finite", "rows-not-the-rounds",
+    "round-not-a-number",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", *SMALL, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_a_crafted_checkpoint_or_client_store_is_refused_with_one_line(case, finished_run, tmp_path, capsys):
+    """A received run folder whose checkpoint (fingerprint intact) or client rows were edited: exit 2, one
+    line naming ``resume``, the folder as it was, nothing trained."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    _crafted(checkpoint, folder, case)
+    torch.save(checkpoint, folder / "checkpoint.pt")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["run", "--resume", str(folder), "--rounds", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fedvb: error: resume: "), err
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_an_untouched_copy_of_the_run_folder_resumes(finished_run, tmp_path):
+    """The checks above refuse only what was edited: the same folder, copied as it is, resumes."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+    assert main(["run", "--resume", str(folder), "--rounds", "3", "--quiet"]) == 0
+    assert [json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from fedvb.core.gaussian import Family, NaturalParams
 
-__all__ = ["ClientStore", "DiskStore", "MemoryStore", "SitesView", "restore_store"]
+__all__ = ["ClientStore", "DiskStore", "MemoryStore", "SitesView", "check_manifest", "restore_store"]
 
 Arrays = dict[str, Tensor]
 SITE_KEYS = ("site_linear", "site_quadratic")
@@ -253,18 +253,64 @@ class DiskStore(ClientStore):
             pass
 
 
-def restore_store(manifest: Mapping[str, Any], base: str | Path | None = None) -> ClientStore:
+_STATE_DTYPES = {"float16", "bfloat16", "float32", "float64"}  # what an algorithm keeps per client
+
+
+def restore_store(manifest: Any, base: str | Path | None = None, num_clients: int | None = None) -> ClientStore:
     """The store a :meth:`ClientStore.checkpoint` manifest describes; a disk store's files are looked for
-    in ``base`` (the run folder), under the manifest's folder name (never a path that leaves ``base``)."""
-    if manifest.get("kind") == "memory":
+    in ``base`` (the run folder), under the manifest's folder name (never a path that leaves ``base``).
+
+    A checkpoint may come from someone else's run folder, so the manifest is checked before anything is
+    opened: ``ValueError`` naming what does not fit (``num_clients``: the federation it must describe)."""
+    check_manifest(manifest, base, num_clients)
+    if manifest["kind"] == "memory":
         return MemoryStore(manifest["states"])
-    if manifest.get("kind") != "disk":
-        raise ValueError(f"unknown client store {manifest.get('kind')!r}")
-    name = str(manifest["folder"])
-    if base is None or not name.isidentifier():
+    return DiskStore(Path(base) / manifest["folder"], int(manifest["num_clients"]), layout=manifest["layout"],
+                     slots=manifest["slots"])  # fmt: skip
+
+
+def check_manifest(manifest: Any, base: str | Path | None = None, num_clients: int | None = None) -> None:
+    """``ValueError`` unless ``manifest`` is one :func:`restore_store` can rebuild without a surprise: plain
+    names, floating dtypes, non-negative shapes, one slot (-1, 0 or 1) per client, row files of the size the
+    layout gives, and ``num_clients`` clients where it is given."""
+    if not isinstance(manifest, Mapping) or manifest.get("kind") not in ("memory", "disk"):
+        kind = manifest.get("kind") if isinstance(manifest, Mapping) else type(manifest).__name__
+        raise ValueError(f"unknown client store {kind!r}")
+    if manifest["kind"] == "memory":
+        states = manifest.get("states")
+        if not isinstance(states, Mapping) or not all(
+            isinstance(k, int) and isinstance(v, Mapping) and all(isinstance(t, Tensor) for t in v.values())
+            for k, v in states.items()
+        ):
+            raise ValueError("the clients' states must map client numbers to named tensors")
+        if num_clients is not None and any(not 0 <= k < num_clients for k in states):
+            raise ValueError(f"the clients' states name clients outside 0..{num_clients - 1}")
+        return
+    name, count = manifest.get("folder"), manifest.get("num_clients")
+    if base is None or not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a disk client store needs its run folder, and {name!r} must be a plain name")
-    layout, slots = manifest["layout"], manifest["slots"]
-    return DiskStore(Path(base) / name, int(manifest["num_clients"]), layout=layout, slots=slots)
+    if not isinstance(count, int) or count < 0 or (num_clients is not None and count != num_clients):
+        raise ValueError(f"the client store holds {count!r} clients, this run has {num_clients}")
+    layout, slots = manifest.get("layout"), manifest.get("slots")
+    if not isinstance(layout, Mapping) or not isinstance(slots, Mapping) or set(layout) != set(slots):
+        raise ValueError("the client store's layout and slots must name the same states")
+    for state, entry in layout.items():
+        if not isinstance(state, str) or not state.isidentifier():  # it becomes a file name: nothing like "../x"
+            raise ValueError(f"client state name {state!r} is not an identifier")
+        shape, dtype = (entry.get("shape"), entry.get("dtype")) if isinstance(entry, Mapping) else (None, None)
+        if not isinstance(shape, list) or not all(isinstance(s, int) and 0 <= s < 2**31 for s in shape):
+            raise ValueError(f"client state {state!r} has shape {shape!r}, not a list of sizes")
+        if dtype not in _STATE_DTYPES:
+            raise ValueError(f"client state {state!r} has dtype {dtype!r}; allowed: {', '.join(sorted(_STATE_DTYPES))}")
+        slot = slots[state]
+        if not isinstance(slot, Tensor) or slot.shape != (count,) or slot.is_floating_point() or slot.is_complex():
+            raise ValueError(f"client state {state!r} needs one integer slot per client ({count})")
+        if bool(((slot < -1) | (slot > 1)).any()):
+            raise ValueError(f"client state {state!r} has slots other than -1, 0 and 1")
+        path = Path(base) / name / f"{state}.bin"
+        row = int(np.prod(shape, dtype=np.int64)) * getattr(torch, dtype).itemsize
+        if not path.is_file() or path.stat().st_size != 2 * count * row:
+            raise ValueError(f"{path} is missing or not the {2 * count * row} bytes its layout gives")
 
 
 class SitesView(Mapping):

@@ -25,16 +25,33 @@ from fedvb.core.client_store import DiskStore
 from fedvb.experiment import evaluate, test_predictions, write_label_distribution
 from fedvb.metrics import calibration_bins
 from fedvb.plots import plot_curves, plot_reliability
-from fedvb.servers.runfolder import CLIENT_STORE, RunFolder
+from fedvb.servers.runfolder import CHECKPOINT, CLIENT_STORE, RunFolder, fingerprint, read_checkpoint, take_up
 from fedvb.strategies import make_strategy
 from fedvb.strategies.base import RoundFailed
 
-__all__ = ["app", "make_server_app", "run_server"]
+__all__ = ["app", "check_resumable", "make_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
 FLOWER_LOG = logging.getLogger("flwr")  # Flower's logger: what `flwr run --stream` shows of a ServerApp
 
 Reporter = Callable[[dict[str, Any]], None]
+
+
+def check_resumable(config: RunConfig) -> None:
+    """ConfigError naming ``resume`` unless this configuration's strategy can take up the checkpoint in
+    ``config.out`` (what :func:`run_server` does first), checked before anything is started or written."""
+    path = Path(config.out) / CHECKPOINT
+    if not path.is_file():
+        return  # killed before its first checkpoint: the run starts again
+    strategy = make_strategy(config)
+    try:
+        take_up(path, read_checkpoint(path, fingerprint(config)), _restore(strategy, config))
+    finally:
+        strategy.client_store.close()
+
+
+def _restore(strategy, config: RunConfig) -> Callable[[dict[str, Any]], None]:
+    return lambda checkpoint: strategy.load_state_dict(checkpoint["strategy"], config.out)
 
 
 def run_server(
@@ -52,7 +69,12 @@ def run_server(
     ``round_deadline``: ``client_timeout_s`` is also the grid's deadline for a round's replies; ``False``
     where the backend limits each client itself (:mod:`fedvb.ray_backend`)."""
     strategy = make_strategy(config)
-    folder = RunFolder(config, resume=resume, overwrite=overwrite)
+    folder = RunFolder(
+        config,
+        resume=resume,
+        overwrite=overwrite,
+        restore=_restore(strategy, config),
+    )
     try:
         if folder.resumed is None:  # the clients' states live in the run folder, a row per client
             strategy.use_client_store(DiskStore(folder.path / CLIENT_STORE, config.num_clients))
@@ -68,7 +90,6 @@ def _run_rounds(
 ) -> None:
     first_round, elapsed_before = 1, 0.0
     if folder.resumed is not None:
-        strategy.load_state_dict(folder.resumed["strategy"], folder.path)
         first_round = folder.resumed["round"] + 1
         elapsed_before = folder.rows[-1]["elapsed_s"] if folder.rows else 0.0
     else:

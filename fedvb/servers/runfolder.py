@@ -40,6 +40,7 @@ __all__ = [
     "check_out_folder",
     "fingerprint",
     "read_checkpoint",
+    "take_up",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -62,10 +63,30 @@ def read_checkpoint(path: Path, expected_fingerprint: str | None = None) -> dict
         raise ConfigError("resume", f"{path} is not a readable fedvb checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or not {"round", "strategy", "rows"} <= set(state):
         raise ConfigError("resume", f"{path} is not a fedvb checkpoint")
+    rounds, rows = state["round"], state["rows"]
+    if not isinstance(rounds, int) or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError("resume", f"{path} is not a fedvb checkpoint (its round and rows)")
+    if [r.get("round") for r in rows] != list(range(1, rounds + 1)) or not all(
+        isinstance(r.get("elapsed_s", 0.0), int | float) for r in rows
+    ):
+        raise ConfigError("resume", f"{path} does not hold one metrics row for each of its {rounds} rounds")
     found = state.get("fingerprint")
     if expected_fingerprint is not None and found is not None and found != expected_fingerprint:
         raise ConfigError("resume", f"{path} was written under another configuration than {path.parent}/config.toml")
     return state
+
+
+def take_up(path: Path, checkpoint: dict[str, Any], restore: Callable[[dict[str, Any]], Any]) -> None:
+    """``restore(checkpoint)`` (a strategy taking up the state of ``path``); whatever it raises on a
+    checkpoint that does not fit (``ValueError``, ``KeyError``, ``TypeError``, ``OSError``: a crafted or
+    damaged run folder) becomes one :class:`ConfigError` naming ``resume``."""
+    try:
+        restore(checkpoint)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError("resume", f"{path} does not fit this run: {reason}") from None
 
 
 def check_out_folder(out: str | Path, *, overwrite: bool = False) -> None:
@@ -138,7 +159,16 @@ class RunFolder:
     killed before its first checkpoint starts again). A lock file holding the writer's PID keeps a second
     process out while a run writes the folder."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        restore: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        """``restore(checkpoint)``: takes up a resumed run's state before anything is written (see
+        :func:`take_up`); on a checkpoint that does not fit, the folder is left as it was."""
         self.path = Path(config.out)
         self.metrics_path = self.path / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
@@ -150,7 +180,13 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         if resume and (self.path / CHECKPOINT).is_file():  # the checkpoint's rows are the truth
-            self.resumed = self.load_checkpoint()
+            try:
+                self.resumed = self.load_checkpoint()
+                if restore is not None:
+                    take_up(self.path / CHECKPOINT, self.resumed, restore)
+            except ConfigError:
+                self.release()
+                raise
             self.rows = self.resumed["rows"]
             _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         else:

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from fedvb.config import RunConfig
 from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
-from fedvb.core.client_store import ClientStore, MemoryStore, restore_store
+from fedvb.core.client_store import ClientStore, MemoryStore, check_manifest, restore_store
 from fedvb.core.driver import sample_participants
 from fedvb.core.gaussian import Gaussian
 from fedvb.core.tensor_checks import all_finite
@@ -237,13 +238,62 @@ class ReplyScreen:
         """The client store's checkpoint manifest (its rows made durable first)."""
         return self.client_store.checkpoint()
 
-    def load_store(self, state: dict[str, Any], folder: str | None) -> None:
-        """The client store of a checkpoint (``client_states``: a checkpoint of an earlier fedvb)."""
-        self.client_store.close()
+    def load_store(self, state: dict[str, Any], folder: str | None, template: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The server arrays of a checkpoint's ``state``, after its client store (``client_states``: a
+        checkpoint of an earlier fedvb) has replaced this one. ``template``: this strategy's own server
+        arrays; the checkpoint's must have their names, shapes and dtypes, and its client states sizes that
+        fit them. A checkpoint may come from a received run folder: ``ValueError`` naming what does not fit,
+        before anything of it is used."""
+        arrays = _checked_arrays(state, template)
         if "client_store" in state:
-            self.client_store = restore_store(state["client_store"], folder)
+            manifest = state["client_store"]
+            check_manifest(manifest, folder, self.config.num_clients)
+            _check_state_sizes(manifest, template)
+            store = restore_store(manifest, folder, self.config.num_clients)
         else:
-            self.client_store = MemoryStore(state.get("client_states", {}))
+            manifest = {"kind": "memory", "states": state.get("client_states", {})}
+            check_manifest(manifest, None, self.config.num_clients)
+            _check_state_sizes(manifest, template)
+            store = MemoryStore(manifest["states"])
+        self.client_store.close()
+        self.client_store = store
+        return arrays
+
+
+def _checked_arrays(state: Any, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The checkpoint's server arrays when they are ``template``'s names, shapes and dtypes, all finite."""
+    arrays = state.get("arrays") if isinstance(state, dict) else None
+    if not isinstance(arrays, dict) or set(arrays) != set(template):
+        found = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+        raise ValueError(f"the server state holds {found}, this strategy's is {sorted(template)}")
+    for name, expected in template.items():
+        found = arrays[name]
+        if not isinstance(found, Tensor) or found.shape != expected.shape or found.dtype != expected.dtype:
+            seen = (tuple(found.shape), found.dtype) if isinstance(found, Tensor) else type(found).__name__
+            raise ValueError(
+                f"server array {name!r} is {seen}, this strategy's is {(tuple(expected.shape), expected.dtype)}"
+            )
+        if not all_finite(found):
+            raise ValueError(f"server array {name!r} has non-finite entries")
+    return dict(arrays)
+
+
+def _check_state_sizes(manifest: dict[str, Any], template: dict[str, Tensor]) -> None:
+    """A disk store's per-client tensors must fit the model: a site the shape of the server's site sum, any
+    other state (momentum, control variates, IVON's step) one value per parameter or a single number."""
+    parameters = template["mean"].numel()
+    if manifest["kind"] == "memory":
+        shapes = [(name, tuple(t.shape)) for state in manifest["states"].values() for name, t in state.items()]
+    else:
+        shapes = [(name, tuple(entry["shape"])) for name, entry in manifest["layout"].items()]
+    for name, shape in shapes:
+        total = f"_site_sum_{name.removeprefix('site_')}"
+        if name.startswith("site_") and total in template:
+            fits = shape == tuple(template[total].shape)
+        else:
+            fits = int(torch.tensor(shape).prod()) in (parameters, 1)
+        if not fits:
+            raise ValueError(f"client state {name!r} has shape {list(shape)}, which does not fit this model")
 
 
 class AlgorithmStrategy(ReplyScreen, Strategy):
@@ -287,8 +337,8 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
 
     def load_state_dict(self, state: dict[str, Any], folder: str | None = None) -> None:
         """Continue from :meth:`state_dict`'s checkpoint; ``folder``: the run folder a disk store lies in."""
-        self.load_store(state, folder)
-        self.server = self.algorithm.attach(ServerState(dict(state["arrays"])), self.client_store)
+        arrays = self.load_store(state, folder, self.server.arrays)
+        self.server = self.algorithm.attach(ServerState(arrays), self.client_store)
 
     # -- Strategy ----------------------------------------------------------------------------------
     def configure_train(

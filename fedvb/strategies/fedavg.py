@@ -53,8 +53,7 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
         return {"arrays": {"mean": self._mean}, "client_store": self.store_state()}
 
     def load_state_dict(self, state: dict[str, Any], folder: str | None = None) -> None:
-        self._mean = state["arrays"]["mean"]
-        self.load_store(state, folder)
+        self._mean = self.load_store(state, folder, {"mean": self._mean})["mean"]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
