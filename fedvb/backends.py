@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -26,6 +27,15 @@ from fedvb.workers import WorkerPool, available_cores, execute, shared_pool
 __all__ = ["InProcessGrid", "act_as_server", "client_workers", "run", "worker_count"]
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class DrainableMessages(Protocol):
+    """A round's outgoing messages that can be built one at a time as they are sent, each forgotten once
+    handed over (:class:`fedvb.strategies.base.Outgoing`); a grid that sends them in turn calls :meth:`drain`
+    instead of iterating, so a round never holds the cohort's messages at once."""
+
+    def drain(self) -> Iterator[Message]: ...
 
 
 class InProcessGrid(Grid):
@@ -109,7 +119,7 @@ class InProcessGrid(Grid):
         if not isinstance(messages, Sized):
             messages = list(messages)
         total = len(messages)
-        if hasattr(messages, "drain"):  # fedvb's Outgoing: build each message as it is sent, keep none
+        if isinstance(messages, DrainableMessages):  # build each message as it is sent, keep none
             messages = messages.drain()
         if self.pool is not None:
             jobs = ((m, self.contexts[m.metadata.dst_node_id]) for m in self._stamped(messages))

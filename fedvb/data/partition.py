@@ -61,9 +61,8 @@ def _chosen_positions(partitioner, size: int) -> list | None:
     one Arrow table per client (``load_partition``: 4 ms a client, 40 s of start-up at 10,000 clients).
     flwr-datasets' partitioners ``select`` the positions they keep in ``_partition_id_to_indices`` (filled
     by the first ``load_partition``, into the table as it then is: the shard one sorts it), and the IID
-    one takes ``datasets``' contiguous shards, whose bounds
-    are computed here as ``Dataset.shard`` does; tests/test_data.py checks both against ``load_partition``.
-    ``None`` for anything else."""
+    one takes ``datasets``' contiguous shards, whose bounds are computed here as ``Dataset.shard`` does;
+    tests/test_data.py checks both against ``load_partition``. ``None`` for anything else."""
     from flwr_datasets.partitioner import IidPartitioner
 
     count = partitioner.num_partitions

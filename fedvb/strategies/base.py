@@ -189,8 +189,8 @@ class ReplyScreen:
                 if partition not in self._asked or partition in accepted:
                     raise ValueError(f"partition {partition} was not asked this round or replied twice")
                 consume = not keep_messages
-                reply = join_reply(message.content["reply"], message.content["metrics"], consume=consume)
                 content = message.content
+                reply = join_reply(content["reply"], content["metrics"], consume=consume)
                 state = from_array_record(content["state"], consume=consume) if "state" in content else {}
                 algorithm.check_reply(server, reply, partition)
                 self._check_examples(partition, reply)
