@@ -33,7 +33,9 @@ from fedvb.workers import SharedData, attach
 
 __all__ = [
     "Prepared",
+    "adopt_parts",
     "adopt_prepared",
+    "prepared_parts",
     "share_prepared",
     "write_label_distribution",
     "client_generator",
@@ -89,9 +91,9 @@ def prepare(config: RunConfig) -> Prepared:
 _ADOPTED: dict[str, Prepared] = {}  # a worker process's run data, prepared by the server (adopt_prepared)
 
 
-def share_prepared(config: RunConfig) -> tuple[SharedData, tuple]:
-    """The run's prepared data with its arrays copied into shared memory (close the :class:`SharedData`
-    when the run ends), and the payload a worker process adopts it from (:func:`adopt_prepared`)."""
+def prepared_parts(config: RunConfig) -> tuple[str, Prepared, dict[str, np.ndarray]]:
+    """The run's prepared data in two parts: its arrays, and the rest (a skeleton without them), with the cache
+    key that :func:`prepare` looks it up by; what another process adopts (:func:`adopt_parts`)."""
     key = _key(config)
     prepared = _prepare_cached(key)
     dataset = prepared.dataset
@@ -99,23 +101,37 @@ def share_prepared(config: RunConfig) -> tuple[SharedData, tuple]:
     arrays = {name: value for name, value in arrays.items() if isinstance(value, np.ndarray)}
     if prepared.unlabelled is not None:
         arrays["unlabelled"] = prepared.unlabelled
-    shared = SharedData(arrays)
     without_arrays = dataclasses.replace(dataset, **{name: None for name in arrays if name != "unlabelled"})
-    skeleton = dataclasses.replace(prepared, dataset=without_arrays, unlabelled=None)
-    return shared, (key, skeleton, shared.spec)
+    return key, dataclasses.replace(prepared, dataset=without_arrays, unlabelled=None), arrays
 
 
-def adopt_prepared(payload: tuple) -> None:
-    """In a worker process: serve :func:`prepare` for the run ``payload`` describes from the server's shared
-    memory (:func:`share_prepared`) instead of loading and partitioning the data again."""
-    key, skeleton, spec = payload
-    _ADOPTED.clear()  # one run's data at a time: the previous run's views go before its blocks are closed
-    arrays = attach(spec)
+def adopt_parts(parts: tuple[str, Prepared, dict[str, np.ndarray]]) -> None:
+    """In a worker process or a Ray actor: serve :func:`prepare` for the run of ``parts``
+    (:func:`prepared_parts`, its arrays read-only views of memory the server's process or Ray's object store
+    holds) instead of loading and partitioning the data again."""
+    key, skeleton, arrays = parts
+    _ADOPTED.clear()  # one run's data at a time
+    arrays = dict(arrays)
     unlabelled = arrays.pop("unlabelled", None)
     if unlabelled is not None:  # torch.as_tensor keeps a view: a copy of its own (a few hundred rows) is writable
         unlabelled = np.array(unlabelled)
     _ADOPTED[key] = dataclasses.replace(skeleton, dataset=dataclasses.replace(skeleton.dataset, **arrays),
                                         unlabelled=unlabelled)  # fmt: skip
+
+
+def share_prepared(config: RunConfig) -> tuple[SharedData, tuple]:
+    """The run's prepared data with its arrays copied into shared memory (close the :class:`SharedData`
+    when the run ends), and the payload a worker process adopts it from (:func:`adopt_prepared`)."""
+    key, skeleton, arrays = prepared_parts(config)
+    shared = SharedData(arrays)
+    return shared, (key, skeleton, shared.spec)
+
+
+def adopt_prepared(payload: tuple) -> None:
+    """In a worker process: :func:`adopt_parts` from the server's shared memory (:func:`share_prepared`)."""
+    key, skeleton, spec = payload
+    _ADOPTED.clear()  # the previous run's views go before its blocks are closed (attach closes unused ones)
+    adopt_parts((key, skeleton, attach(spec)))
 
 
 def _from_key(key: str) -> tuple[RunConfig, int]:

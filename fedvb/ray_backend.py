@@ -11,8 +11,10 @@ actor start-up and the wait for a free actor. :class:`HealingRayBackend` changes
   run ends ``completed_with_losses``);
 - ``client_timeout_s`` is applied to each client from the moment an idle actor starts its job: an actor
   that overruns is killed and replaced, and the reply is an error saying so (recorded in ``rejected``);
-- the pool's actors are started, and each has imported fedvb and prepared the run's data, before any
-  message is sent (so neither counts as a client's time).
+- the pool's actors are started, and each has imported fedvb and taken up the run's data, before any
+  message is sent (so neither counts as a client's time); the data are prepared once, by the driver, and
+  reach the actors through Ray's object store (one copy per node, read in place), not loaded and
+  partitioned again by every actor.
 
 Flower has no hook for a custom backend (``vce_api`` imports ``RayBackend`` from its module when the
 simulation starts), so :func:`installed` swaps that module attribute for the duration of a fedvb run and
@@ -46,15 +48,20 @@ class ClientTimeout(RuntimeError):
     """A client ran past ``client_timeout_s`` (counted from when an actor started it)."""
 
 
-def warm_up(config_json: str) -> None:
+def warm_up(config_json: str, data: ray.ObjectRef | None = None) -> None:
     """What an actor does when it starts: one torch thread (one client per actor process), and the run's
-    data prepared, so that a client's first job is only its own work."""
+    data made ready, so that a client's first job is only its own work. ``data``: the run's prepared data
+    (:func:`fedvb.experiment.prepared_parts`) in Ray's object store, put there once by the driver; an actor
+    reads its arrays as read-only views of its node's store (Ray moves them to each node once), so no actor
+    loads or partitions the dataset again. Without it, each actor prepares the data itself."""
     import torch
 
-    from fedvb.experiment import prepare
+    from fedvb.experiment import adopt_parts, prepare
     from fedvb.records import config_from_json
 
     torch.set_num_threads(1)
+    if data is not None:
+        adopt_parts(ray.get(data))
     prepare(config_from_json(config_json))
 
 
@@ -66,7 +73,13 @@ class HealingRayBackend(raybackend.RayBackend):
 
     def build(self, app_fn: Any) -> None:
         if self.config_json:
-            self.actor_kwargs = {**self.actor_kwargs, "on_actor_init_fn": functools.partial(warm_up, self.config_json)}
+            from fedvb.experiment import prepared_parts
+            from fedvb.records import config_from_json
+
+            # the driver has the run's data prepared already (the server's own): into the object store once
+            self._data = ray.put(prepared_parts(config_from_json(self.config_json)))
+            warm = functools.partial(warm_up, self.config_json, self._data)
+            self.actor_kwargs = {**self.actor_kwargs, "on_actor_init_fn": warm}
         super().build(app_fn)
         # Start-up is not a client's time: wait for every actor's process before the first message.
         ray.get([actor.__ray_ready__.remote() for actor in self.pool.pool], timeout=ACTOR_START_S)

@@ -155,3 +155,33 @@ def test_a_private_ray_never_attaches_to_another_cluster_on_the_machine(ray_head
     run(config, report=lambda row: seen.append(session_pids(ray_head_info["session"], "ray::ClientAppActor")))
     assert seen and all(found == [] for found in seen), seen
     assert json.loads((tmp_path / "private" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_an_actor_takes_the_runs_data_from_the_object_store_without_preparing_it(ray_cluster):
+    """The driver puts the prepared data into Ray's object store once; an actor's warm-up reads it there (a
+    read-only view) and loads or partitions nothing itself."""
+    import ray
+
+    from fedvb.experiment import prepare, prepared_parts
+    from fedvb.records import config_to_json
+
+    def warmed_up(config_json: str, data: list) -> tuple[int, float, bool]:  # in a Ray worker: what warm-up leaves
+        from fedvb import experiment
+        from fedvb.ray_backend import warm_up
+        from fedvb.records import config_from_json
+
+        experiment._prepare_cached.cache_clear()
+        warm_up(config_json, data[0])  # the reference itself, as an actor's warm-up gets it (not its value)
+        x = experiment.prepare(config_from_json(config_json)).dataset.x_train
+        return experiment._prepare_cached.cache_info().misses, float(x.astype("float64").sum()), x.flags.writeable
+
+    config = RunConfig.from_mapping(dict(strategy="fedlap-func", dataset="digits", num_clients=4, func_inputs=30))
+    ray.init(address=ray_cluster, include_dashboard=False, log_to_driver=False)
+    try:
+        data = ray.put(prepared_parts(config))
+        misses, total, writeable = ray.get(ray.remote(num_cpus=1)(warmed_up).remote(config_to_json(config), [data]),
+                                           timeout=120)  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert misses == 0 and not writeable  # served from the store, as a read-only view
+    assert total == float(prepare(config).dataset.x_train.astype("float64").sum())
