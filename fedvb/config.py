@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedvb.core import client_solvers, gaussian
 from fedvb.core.gaussian import DENSE
 from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM
 from fedvb.core.robust import COMBINATIONS
@@ -24,8 +25,8 @@ __all__ = ["STRATEGIES", "ConfigError", "RunConfig", "algorithm_rows", "describe
 STRATEGIES = tuple(ALGORITHMS)  # the registry's order (fedvb.core.registry)
 BACKENDS = ("inprocess", "ray")
 OPTIMIZERS = ("adam", "sgd")
-SOLVERS = ("", "exact", "laplace", "ivon")
-FAMILIES = ("", "isotropic", "diagonal", "dense")
+SOLVERS = ("", *client_solvers.SOLVERS)  # "": the strategy's own
+FAMILIES = ("", *gaussian.FAMILIES)
 IVON_KERNELS = ("auto", "torch", "native")
 LOGGERS = ("", "tensorboard")
 EVAL_CLIENTS_AUTO = 100  # eval_clients = -1: past this many clients a sample, so evaluation follows the cohort

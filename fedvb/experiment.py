@@ -428,14 +428,13 @@ def _algorithm(config: RunConfig, with_data: bool) -> Algorithm:
     entry = ALGORITHMS[config.strategy]
     if not isinstance(entry, BayesADMMSpec):
         return entry.build(config)
-    solver = entry.solver_named(config.solver)
+    preset = entry.preset_for(config)
     if not with_data and entry.function_space:
         raise ConfigError("strategy", f"{config.strategy} needs fedvb's data (held-out inputs for the server)")
-    if with_data and solver is EXACT and prepare(config).model_name not in ("linear", "softmax"):
+    if with_data and preset.solver is EXACT and prepare(config).model_name not in ("linear", "softmax"):
         raise ConfigError("solver", f"the exact solver needs model linear or softmax, got {prepare(config).model_name}")
     common = dict(
         prior_precision=config.prior_precision,
-        solver=solver,
         temperature=config.temperature,
         precision_floor=config.precision_floor or None,
     )
@@ -444,10 +443,10 @@ def _algorithm(config: RunConfig, with_data: bool) -> Algorithm:
         if prepared.dataset.task != "classification":
             raise ConfigError("strategy", f"{config.strategy} needs a classification dataset (soft labels)")
         return FedLapFunc(
-            entry.preset(config), inputs=torch.as_tensor(prepared.unlabelled), weight=config.func_weight,
+            preset, inputs=torch.as_tensor(prepared.unlabelled), weight=config.func_weight,
             steps=config.func_steps, lr=config.func_lr, model=_eval_trainer(_key(config), "cpu"), **common,
         )  # fmt: skip
-    return BayesADMM(entry.preset(config), **common)
+    return BayesADMM(preset, **common)
 
 
 def client_generator(config: RunConfig, server_round: int, partition_id: int) -> torch.Generator:

@@ -26,21 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fedvb.core import (  # noqa: E402
-    DENSE,
-    DIAGONAL,
-    Gaussian,
-    NonPositivePrecisionError,
-    Preset,
-    bayes_admm,
-    bayes_admm_newton,
-    bregman_admm,
-    federated_admm,
-    fedlap,
-    fedlap_cov,
-    pvi,
-    run_plain_loop,
-)
+from fedvb.core import DENSE, DIAGONAL, Gaussian, NonPositivePrecisionError, Preset, preset, run_plain_loop  # noqa: E402
 from fedvb.core.problems import (  # noqa: E402
     centralized_linear_posterior,
     centralized_softmax_laplace,
@@ -50,16 +36,19 @@ from fedvb.core.problems import (  # noqa: E402
 
 
 def presets(num_clients: int) -> list[tuple[str, Preset]]:
+    """The registry's presets, every client solving its local problem exactly (closed form or Newton)."""
+    exact = {"solver": "exact"}
     return [
-        ("BayesADMM-Newton rho=1/K", bayes_admm_newton(rho=1 / num_clients)),
-        ("BayesADMM-Newton rho=1 damping=0.5", bayes_admm_newton(rho=1.0, damping=0.5)),
-        ("PVI dense", pvi(DENSE)),
-        ("Bregman ADMM dense damping=0.1", bregman_admm(DENSE, rho=1.0, damping=0.1)),
-        ("BayesADMM diagonal rho=1 damping=0.5", bayes_admm(DIAGONAL, rho=1.0, damping=0.5)),
-        ("FedLap-Cov (diag Laplace) damping=0.5", fedlap_cov(damping=0.5)),
-        ("FedLap damping=0.1", fedlap(damping=0.1)),
-        ("federated ADMM rho=1", federated_admm(rho=1.0)),
-    ]
+        ("BayesADMM-Newton rho=1/K", preset("bayes-admm-newton", rho=1 / num_clients)),
+        ("BayesADMM-Newton rho=1 damping=0.5", preset("bayes-admm-newton", rho=1.0, damping=0.5)),
+        ("PVI dense", preset("pvi", family=DENSE, **exact)),
+        ("Bregman ADMM dense damping=0.1", preset("bregman-admm", family=DENSE, rho=1.0, damping=0.1, **exact)),
+        ("BayesADMM diagonal rho=1 damping=0.5", preset("bayes-admm", family=DIAGONAL, rho=1.0, damping=0.5,
+                                                         **exact)),
+        ("FedLap-Cov (diag Laplace) damping=0.5", preset("fedlap-cov", damping=0.5, **exact)),
+        ("FedLap damping=0.1", preset("fedlap", damping=0.1, **exact)),
+        ("federated ADMM rho=1", preset("federated-admm", rho=1.0, **exact)),
+    ]  # fmt: skip
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,16 +57,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def study(problem: str, clients, exact: Gaussian, prior_precision: float, rounds: int) -> list[dict]:
     rows = []
-    for label, preset in presets(len(clients)):
-        prior = Gaussian.isotropic_prior(exact.dim, prior_precision, preset.family)
-        target_precision = preset.family.project(exact.precision)
+    for label, chosen in presets(len(clients)):
+        prior = Gaussian.isotropic_prior(exact.dim, prior_precision, chosen.family)
+        target_precision = chosen.family.project(exact.precision)
         try:
-            servers = run_plain_loop(preset, prior, clients, rounds).servers
+            servers = run_plain_loop(chosen, prior, clients, rounds).servers
         except NonPositivePrecisionError as error:
             print(f"  {label}: stopped: {error}", file=sys.stderr)
             continue
         for r, server in enumerate(servers, start=1):
-            precision_error = float("nan") if preset.point_estimate else relative(server.precision, target_precision)
+            precision_error = float("nan") if chosen.point_estimate else relative(server.precision, target_precision)
             rows.append(
                 dict(
                     problem=problem,

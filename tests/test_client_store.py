@@ -12,8 +12,8 @@ from fedvb.cli import main
 from fedvb.core.algorithms import BayesADMM
 from fedvb.core.client_store import DiskStore, MemoryStore, SitesView, restore_store
 from fedvb.core.driver import sample_participants
-from fedvb.core.duality import ivon_admm
 from fedvb.core.gaussian import DIAGONAL, Gaussian, NaturalParams, sum_natural
+from fedvb.core.registry import preset
 
 
 def random_state(generator: torch.Generator, *, with_momentum: bool = True) -> dict[str, torch.Tensor]:
@@ -112,7 +112,7 @@ def test_the_running_site_sum_stays_the_exact_sum_over_every_client(tmp_path):
     running total equals the sum of every client's site to 1e-12 of its size, and a full cohort's round
     recomputes it exactly."""
     num_clients, dim = 40, 50
-    algorithm = BayesADMM(ivon_admm(rho=0.3, damping=0.5), prior_precision=1.0, solver="ivon")
+    algorithm = BayesADMM(preset("ivon-admm", rho=0.3, damping=0.5), prior_precision=1.0)
     store = DiskStore(tmp_path / "clients", num_clients)
     server = algorithm.attach(algorithm.init_server(torch.zeros(dim, dtype=torch.float64), num_clients), store)
     g = torch.Generator().manual_seed(3)

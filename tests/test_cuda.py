@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from fedvb.core.driver import run_plain_loop
-from fedvb.core.duality import bayes_admm_newton, ivon_admm
 from fedvb.core.gaussian import DENSE, DIAGONAL, Gaussian
 from fedvb.core.ivon import IVON
-from fedvb.core.problems import centralized_linear_posterior, make_linear_regression_clients
-from fedvb.core.solvers import LinearRegressionClient
+from fedvb.core.problems import centralized_linear_posterior, linear_regression_client, make_linear_regression_clients
+from tests.exact_presets import bayes_admm, bayes_admm_newton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -16,7 +15,7 @@ CUDA = torch.device("cuda")
 
 def test_one_round_exactness_on_cuda():
     clients = make_linear_regression_clients(4, 6, seed=0)
-    on_gpu = [LinearRegressionClient(c.x.to(CUDA), c.y.to(CUDA)) for c in clients]
+    on_gpu = [linear_regression_client(c.x, c.y, device=CUDA) for c in clients]
     prior = Gaussian.isotropic_prior(6, 2.0, DENSE, device=CUDA)
     server = run_plain_loop(bayes_admm_newton(rho=0.25), prior, on_gpu, rounds=1).final
     exact = centralized_linear_posterior(clients, Gaussian.isotropic_prior(6, 2.0, DENSE))
@@ -27,8 +26,8 @@ def test_one_round_exactness_on_cuda():
 
 def test_diagonal_algebra_on_cuda_matches_cpu():
     clients = make_linear_regression_clients(4, 6, seed=1)
-    on_gpu = [LinearRegressionClient(c.x.to(CUDA), c.y.to(CUDA)) for c in clients]
-    preset = ivon_admm(rho=1.0, damping=0.5)
+    on_gpu = [linear_regression_client(c.x, c.y, device=CUDA) for c in clients]
+    preset = bayes_admm(DIAGONAL, rho=1.0, damping=0.5)  # IVON-ADMM's algebra, with exact client solves
     cpu = run_plain_loop(preset, Gaussian.isotropic_prior(6, 2.0, DIAGONAL), clients, rounds=20).final
     gpu = run_plain_loop(preset, Gaussian.isotropic_prior(6, 2.0, DIAGONAL, device=CUDA), on_gpu, rounds=20).final
     torch.testing.assert_close(gpu.mean.cpu(), cpu.mean, rtol=1e-9, atol=1e-12)

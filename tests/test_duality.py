@@ -4,21 +4,11 @@ import pytest
 import torch
 
 from fedvb.core.driver import run_plain_loop, sample_participants
-from fedvb.core.duality import (
-    Preset,
-    aggregate,
-    bayes_admm,
-    bayes_admm_newton,
-    bregman_admm,
-    default_alpha,
-    federated_admm,
-    fedlap,
-    make_preset,
-    pvi,
-    site_update,
-)
+from fedvb.core.duality import Preset, aggregate, default_alpha, site_update
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
 from fedvb.core.problems import centralized_linear_posterior, make_linear_regression_clients
+from fedvb.core.registry import preset as make_preset
+from tests.exact_presets import bayes_admm, bayes_admm_newton, bregman_admm, federated_admm, fedlap, pvi
 
 K, DIM, DELTA = 4, 6, 2.0
 
@@ -263,8 +253,8 @@ def test_preset_validation(kwargs, message):
 
 
 def test_make_preset_names_allowed_values():
-    assert make_preset("pvi", family=DENSE).alpha == 1.0
-    with pytest.raises(ValueError, match="allowed: bayes-admm, bayes-admm-newton"):
+    assert make_preset("pvi", family=DENSE, solver="exact").mixing(K) == 1.0
+    with pytest.raises(ValueError, match="allowed: fedlap, fedlap-cov, fedlap-func, ivon-admm, bayes-admm-newton"):
         make_preset("admm++")
 
 

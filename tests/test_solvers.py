@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from fedvb.core.driver import run_plain_loop
-from fedvb.core.duality import bayes_admm, bayes_admm_newton, pvi
 from fedvb.core.gaussian import DENSE, DIAGONAL, Gaussian, NaturalParams, NonPositivePrecisionError
 from fedvb.core.problems import centralized_softmax_laplace, make_softmax_regression_clients
 from fedvb.core.solvers import softmax_loss_grad_hessian, solve_linear_regression, solve_softmax_regression
+from tests.exact_presets import bayes_admm, bayes_admm_newton, pvi
 
 K, DIM, CLASSES = 5, 4, 3
 P = DIM * CLASSES

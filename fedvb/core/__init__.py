@@ -1,28 +1,21 @@
 """The core of fedvb: pure torch, no Flower, no Ray.
 
 Gaussian families in natural parameters (:mod:`~fedvb.core.gaussian`), the
-BayesADMM site update and server aggregation with the named presets
-(:mod:`~fedvb.core.duality`), exact local solvers (:mod:`~fedvb.core.solvers`),
-synthetic problems with known answers (:mod:`~fedvb.core.problems`) and the
-plain-loop driver (:mod:`~fedvb.core.driver`).
+BayesADMM site update and server aggregation (:mod:`~fedvb.core.duality`),
+every algorithm as one typed registry entry (:mod:`~fedvb.core.registry`),
+the client solvers (:mod:`~fedvb.core.client_solvers`), exact local solves
+(:mod:`~fedvb.core.solvers`), synthetic problems with known answers
+(:mod:`~fedvb.core.problems`) and the plain-loop driver (:mod:`~fedvb.core.driver`).
 """
 
+from fedvb.core.client_solvers import EXACT, IVON, LAPLACE, SOLVERS, ClientSolver
 from fedvb.core.driver import DriverResult, run_plain_loop, sample_participants
 from fedvb.core.duality import (
-    PRESETS,
+    FixedAlpha,
     Preset,
     aggregate,
-    bayes_admm,
-    bayes_admm_newton,
-    bregman_admm,
     bregman_site_update,
     default_alpha,
-    federated_admm,
-    fedlap,
-    fedlap_cov,
-    ivon_admm,
-    make_preset,
-    pvi,
     site_update,
 )
 from fedvb.core.gaussian import (
@@ -36,42 +29,32 @@ from fedvb.core.gaussian import (
     NonPositivePrecisionError,
     family_by_name,
 )
-from fedvb.core.solvers import (
-    LinearRegressionClient,
-    LocalSolver,
-    SoftmaxRegressionClient,
-    solve_linear_regression,
-    solve_softmax_regression,
-)
+from fedvb.core.registry import ALGORITHMS, preset
+from fedvb.core.solvers import solve_linear_regression, solve_softmax_regression
 
 __all__ = [
+    "ALGORITHMS",
     "DENSE",
     "DIAGONAL",
+    "EXACT",
     "FAMILIES",
+    "IVON",
     "ISOTROPIC",
-    "PRESETS",
+    "LAPLACE",
+    "SOLVERS",
+    "ClientSolver",
     "DriverResult",
     "Family",
+    "FixedAlpha",
     "Gaussian",
-    "LinearRegressionClient",
-    "LocalSolver",
     "NaturalParams",
     "NonPositivePrecisionError",
     "Preset",
-    "SoftmaxRegressionClient",
     "aggregate",
-    "bayes_admm",
-    "bayes_admm_newton",
-    "bregman_admm",
     "bregman_site_update",
     "default_alpha",
     "family_by_name",
-    "fedlap",
-    "fedlap_cov",
-    "federated_admm",
-    "ivon_admm",
-    "make_preset",
-    "pvi",
+    "preset",
     "run_plain_loop",
     "sample_participants",
     "site_update",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedvb.core.client_solvers import SOLVERS, ClientSolver
+from fedvb.core.client_solvers import ClientSolver
 from fedvb.core.client_store import ClientStore, SitesView
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError, sum_natural
@@ -176,9 +176,8 @@ def _weighted_mean(replies: dict[Any, Arrays], key: str, combination: Combinatio
 
 
 class BayesADMM(Algorithm):
-    """The BayesADMM machinery for any preset (docs/algorithms.md §2).
-
-    ``solver``: the client step (:mod:`fedvb.core.client_solvers`: exact, Laplace or IVON; or its name).
+    """The BayesADMM machinery for any preset (docs/algorithms.md §2): the preset's client solver
+    (:mod:`fedvb.core.client_solvers`), its site step and its alpha rule.
     The server starts at ``N(initial_mean, delta^-1)`` (the model's initialisation) while the prior is
     ``N(0, delta^-1 I)``.
     """
@@ -188,22 +187,18 @@ class BayesADMM(Algorithm):
         preset: Preset,
         *,
         prior_precision: float,
-        solver: ClientSolver | str,
         temperature: float = 1.0,
         precision_floor: float | None = None,
     ) -> None:
-        if isinstance(solver, str):
-            if solver not in SOLVERS:
-                raise ValueError(f"solver: unknown {solver!r}; allowed: {', '.join(SOLVERS)}")
-            solver = SOLVERS[solver]
-        problem = solver.supports(preset.family)
-        if problem is not None:
-            raise ValueError(f"solver: {solver.name} cannot serve the {preset.family.name} family ({problem})")
-        self.preset, self.solver = preset, solver
+        self.preset = preset
         self.name = preset.name
         # FedLap's fixed precision is a prior scale, not a posterior: no predictive sampling for it.
         self.uncertainty = not preset.point_estimate
         self.prior_precision, self.temperature, self.precision_floor = prior_precision, temperature, precision_floor
+
+    @property
+    def solver(self) -> ClientSolver:
+        return self.preset.solver
 
     def _prior(self, like: Tensor) -> Gaussian:
         return Gaussian.isotropic_prior(like.numel(), self.prior_precision, self.preset.family, dtype=like.dtype)

@@ -16,7 +16,7 @@ from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
 from fedvb.core.client_store import MemoryStore
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import Gaussian, NaturalParams
-from fedvb.core.solvers import LocalSolver
+from fedvb.core.trainers import TorchTrainer
 
 __all__ = ["DriverResult", "run_algorithm", "run_plain_loop", "sample_participants"]
 
@@ -52,7 +52,7 @@ class DriverResult:
 def run_plain_loop(
     preset: Preset,
     prior: Gaussian,
-    clients: Sequence[LocalSolver],
+    clients: Sequence[TorchTrainer],
     rounds: int,
     *,
     temperature: float = 1.0,
@@ -65,11 +65,12 @@ def run_plain_loop(
     """Run ``rounds`` rounds of ``preset`` starting from ``server_init`` (default: the prior)
     and ``initial_sites`` (default: all zero).
 
-    Each round the sampled clients solve their local problem against the
-    current server, update their sites, and the server aggregates
-    (:func:`fedvb.core.duality.aggregate`).
+    Each round the sampled clients run the preset's client solver (:mod:`fedvb.core.client_solvers`, the
+    same protocol as on the Flower path) against the current server on their trainers, update their
+    sites, and the server aggregates (:func:`fedvb.core.duality.aggregate`). Each client's random stream is
+    seeded by ``(seed, round, client)``; its solver state (IVON's momentum) is kept across rounds.
     """
-    if prior.family is not preset.family:
+    if prior.family != preset.family:
         raise ValueError(f"prior family {prior.family.name!r} differs from preset family {preset.family.name!r}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -82,15 +83,19 @@ def run_plain_loop(
         raise ValueError(f"initial_sites: need one per client ({len(clients)}), got {len(initial_sites)}")
     else:
         sites = list(initial_sites)
+    states: list[dict[str, torch.Tensor]] = [{} for _ in clients]
     alpha = preset.mixing(len(clients))
     result = DriverResult()
     for server_round in range(1, rounds + 1):
         chosen = sample_participants(len(clients), fraction, seed=seed, server_round=server_round)
         posteriors = []
         for k in chosen:
-            posterior = clients[k].solve(
-                server, sites[k], rho=preset.rho, temperature=temperature, point_estimate=preset.point_estimate
-            )
+            stream = np.random.SeedSequence([seed, server_round, k]).generate_state(1)[0]
+            posterior, states[k] = preset.solver.solve(
+                clients[k], server, sites[k], rho=preset.rho, temperature=temperature,
+                point_estimate=preset.point_estimate, generator=torch.Generator().manual_seed(int(stream)),
+                state=states[k], first_round=server_round == 1,
+            )  # fmt: skip
             sites[k] = preset.update_site(sites[k], posterior, server)
             posteriors.append(posterior)
         server = aggregate(prior, posteriors, sites, alpha=alpha, precision_floor=precision_floor)

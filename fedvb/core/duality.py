@@ -18,45 +18,31 @@ server holds ``q_bar = N(m_bar, S_bar^-1)`` and the prior is ``p_0``.  One round
        alpha = 1 / (1 + K rho) unless overridden.
 
 FedLap, FedLap-Cov, IVON-ADMM, the Newton-like BayesADMM, PVI, Bregman ADMM and
-federated ADMM/AMA are the :class:`Preset` rows built at the bottom of this
-module; none of them has algebra of its own.
+federated ADMM/AMA are :class:`Preset` values (a family, a client solver, a site step and an alpha
+rule, all objects) built from the rows of :mod:`fedvb.core.registry`; none of them has algebra of its
+own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
-from fedvb.core.gaussian import (
-    DENSE,
-    DIAGONAL,
-    ISOTROPIC,
-    Family,
-    Gaussian,
-    NaturalParams,
-)
+from fedvb.core.client_solvers import EXACT, ClientSolver
+from fedvb.core.gaussian import Family, Gaussian, NaturalParams
 from fedvb.core.robust import MEAN, Combination
 
 __all__ = [
-    "PRESETS",
+    "AlphaRule",
+    "FixedAlpha",
     "Preset",
+    "SiteStep",
     "aggregate",
-    "bayes_admm",
-    "bayes_admm_newton",
-    "bregman_admm",
     "bregman_site_update",
     "default_alpha",
-    "fedlap",
-    "fedlap_cov",
-    "federated_admm",
-    "ivon_admm",
-    "make_preset",
-    "pvi",
     "site_update",
 ]
-
-DualSpace = Literal["natural", "expectation"]
 
 
 def site_update(
@@ -142,21 +128,53 @@ def aggregate(
     return Gaussian.from_natural(natural, what="server posterior")
 
 
+class SiteStep(Protocol):
+    """A dual (site) step: :func:`site_update` or :func:`bregman_site_update`."""
+
+    def __call__(
+        self, site: NaturalParams, client: Gaussian, server: Gaussian, *, rho: float, damping: float
+    ) -> NaturalParams: ...
+
+
+class AlphaRule(Protocol):
+    """The server's mixing weight ``alpha`` for ``num_clients`` clients and KL weight ``rho``."""
+
+    def __call__(self, num_clients: int, rho: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class FixedAlpha:
+    """``alpha`` fixed at ``value`` (1: PVI, FedLap; the site-sum server)."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.value <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.value}")
+
+    def __call__(self, num_clients: int, rho: float) -> float:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Preset:
-    """One named member of the BayesADMM family (the table of docs/algorithms.md §2).
+    """One member of the BayesADMM family, as objects (the table of docs/algorithms.md §2).
 
-    ``alpha=None`` means ``1 / (1 + K rho)``.  ``point_estimate=True`` tells the
-    local solver to keep the server's precision (no curvature), which keeps the
-    sites' quadratic part at zero: FedLap and federated ADMM.
+    ``family``: the Gaussian family; ``solver``: the client step (:mod:`fedvb.core.client_solvers`);
+    ``site_step``: the dual step (:func:`site_update`, or :func:`bregman_site_update` for Bregman ADMM);
+    ``alpha``: the server's mixing rule (:func:`default_alpha`, ``1 / (1 + K rho)``, or a
+    :class:`FixedAlpha`; a number is taken as a fixed alpha); ``point_estimate``: the client keeps the
+    server's precision (no curvature), which keeps the sites' quadratic part at zero (FedLap, federated
+    ADMM). The named presets are built by :func:`fedvb.core.registry.preset`.
     """
 
     name: str
     family: Family
     rho: float
-    damping: float
-    alpha: float | None = None
-    dual_space: DualSpace = "natural"
+    damping: float = 1.0
+    alpha: AlphaRule | float = default_alpha
+    site_step: SiteStep = site_update
+    solver: ClientSolver = EXACT
     point_estimate: bool = False
 
     def __post_init__(self) -> None:
@@ -164,83 +182,15 @@ class Preset:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         if not 0.0 < self.damping <= 1.0:
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
-        if self.alpha is not None and not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if self.dual_space not in ("natural", "expectation"):
-            raise ValueError(f"dual_space must be 'natural' or 'expectation', got {self.dual_space!r}")
+        if isinstance(self.alpha, int | float):
+            object.__setattr__(self, "alpha", FixedAlpha(float(self.alpha)))
+        problem = self.solver.supports(self.family)
+        if problem is not None:
+            raise ValueError(f"solver: {self.solver.name} cannot serve the {self.family.name} family ({problem})")
 
     def mixing(self, num_clients: int) -> float:
         """The server weight ``alpha`` for ``num_clients`` clients."""
-        return default_alpha(num_clients, self.rho) if self.alpha is None else self.alpha
+        return self.alpha(num_clients, self.rho)
 
     def update_site(self, site: NaturalParams, client: Gaussian, server: Gaussian) -> NaturalParams:
-        step = site_update if self.dual_space == "natural" else bregman_site_update
-        return step(site, client, server, rho=self.rho, damping=self.damping)
-
-
-def bayes_admm(family: Family, rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """General BayesADMM (docs/algorithms.md §2) over any family."""
-    return Preset("bayes-admm", family, rho, damping, alpha)
-
-
-def bayes_admm_newton(rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """Full-covariance Newton-like BayesADMM (docs/algorithms.md §3); exact in one round on
-    quadratics with ``rho = 1/K``, ``damping = 1`` and the server started at the prior."""
-    return Preset("bayes-admm-newton", DENSE, rho, damping, alpha)
-
-
-def ivon_admm(rho: float, damping: float, alpha: float | None = None) -> Preset:
-    """Diagonal BayesADMM whose clients run IVON (docs/algorithms.md §4)."""
-    return Preset("ivon-admm", DIAGONAL, rho, damping, alpha)
-
-
-def pvi(family: Family, damping: float = 1.0) -> Preset:
-    """Partitioned VI: ``alpha = 1``, ``rho = 1`` (docs/algorithms.md §6)."""
-    return Preset("pvi", family, 1.0, damping, 1.0)
-
-
-def fedlap(damping: float) -> Preset:
-    """FedLap (docs/algorithms.md §5): isotropic fixed precision, MAP clients, site-sum server."""
-    return Preset("fedlap", ISOTROPIC, 1.0, damping, 1.0, point_estimate=True)
-
-
-def fedlap_cov(damping: float) -> Preset:
-    """FedLap-Cov (docs/algorithms.md §5): diagonal Laplace clients, site-sum server."""
-    return Preset("fedlap-cov", DIAGONAL, 1.0, damping, 1.0)
-
-
-def federated_admm(rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """Federated ADMM (docs/algorithms.md §6, §7): isotropic point estimates.
-
-    With server and prior precision ``delta`` this is textbook ADMM with penalty
-    ``rho_admm = rho * delta``, duals ``y_k = v_k`` and the server
-    ``theta_bar = (rho_admm sum theta_k + sum y_k) / (delta + K rho_admm)``;
-    ``alpha = 1`` gives Tseng's AMA, FedLap's server.
-    """
-    return Preset("federated-admm", ISOTROPIC, rho, damping, alpha, point_estimate=True)
-
-
-def bregman_admm(family: Family, rho: float, damping: float = 1.0, alpha: float | None = None) -> Preset:
-    """Bregman ADMM (Wang & Banerjee): the dual step in expectation parameters."""
-    return Preset("bregman-admm", family, rho, damping, alpha, dual_space="expectation")
-
-
-PRESETS = {
-    "bayes-admm": bayes_admm,
-    "bayes-admm-newton": bayes_admm_newton,
-    "ivon-admm": ivon_admm,
-    "pvi": pvi,
-    "fedlap": fedlap,
-    "fedlap-cov": fedlap_cov,
-    "federated-admm": federated_admm,
-    "bregman-admm": bregman_admm,
-}
-
-
-def make_preset(name: str, **kwargs) -> Preset:
-    """Build a preset by name, with an error listing the allowed names."""
-    try:
-        factory = PRESETS[name]
-    except KeyError:
-        raise ValueError(f"preset: unknown {name!r}; allowed: {', '.join(PRESETS)}") from None
-    return factory(**kwargs)
+        return self.site_step(site, client, server, rho=self.rho, damping=self.damping)

@@ -12,16 +12,16 @@ is in docs/algorithms.md (the section each entry cites).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fedvb.core.algorithms import Algorithm, FedADMM, FedAvg, FedDyn, FedProx, Scaffold
 from fedvb.core.client_solvers import EXACT, IVON, LAPLACE, SOLVERS, ClientSolver
-from fedvb.core.duality import Preset
+from fedvb.core.duality import Preset, SiteStep, bregman_site_update, default_alpha, site_update
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Family, family_by_name
 
-__all__ = ["ALGORITHMS", "BASELINES", "BAYES_ADMM", "BaselineSpec", "BayesADMMSpec", "Hyperparameters"]
+__all__ = ["ALGORITHMS", "BASELINES", "BAYES_ADMM", "BaselineSpec", "BayesADMMSpec", "Hyperparameters", "preset"]
 
 
 class Hyperparameters(Protocol):
@@ -31,6 +31,7 @@ class Hyperparameters(Protocol):
     damping: float
     alpha: float  # 0: 1 / (1 + K rho)
     family: str  # "": the entry's default
+    solver: str  # "": the entry's default
     proximal_mu: float
     feddyn_alpha: float
     admm_rho: float
@@ -50,18 +51,46 @@ class BayesADMMSpec:
     fixed_rho: float | None = None  # None: the `rho` key
     fixed_alpha: float | None = None  # None: the `alpha` key (0: 1 / (1 + K rho))
     point_estimate: bool = False
-    dual_space: Literal["natural", "expectation"] = "natural"
+    site_step: SiteStep = site_update
     function_space: bool = False  # FedLap-Func: the server also fits soft labels on unlabelled inputs
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # configuration keys this entry sets by default
     kind: str = "bayes-admm"
 
     def family_for(self, hyper: Hyperparameters) -> Family:
         return self.family or family_by_name(hyper.family or "diagonal")
 
-    def preset(self, hyper: Hyperparameters) -> Preset:
-        rho = hyper.rho if self.fixed_rho is None else self.fixed_rho
-        alpha = (hyper.alpha or None) if self.fixed_alpha is None else self.fixed_alpha
-        return Preset(self.name, self.family_for(hyper), rho, hyper.damping, alpha, dual_space=self.dual_space,
-                      point_estimate=self.point_estimate)  # fmt: skip
+    def preset(
+        self,
+        *,
+        rho: float | None = None,
+        damping: float = 1.0,
+        alpha: float | None = None,
+        family: Family | None = None,
+        solver: ClientSolver | str | None = None,
+    ) -> Preset:
+        """The :class:`~fedvb.core.duality.Preset` of this entry with these hyperparameters (``None``: the
+        entry's own, where it fixes one; ``alpha`` ``None`` or 0: ``1 / (1 + K rho)``). ``ValueError`` for a
+        value the entry fixes otherwise, or a solver or family it does not allow."""
+        for key, given, fixed in (("rho", rho, self.fixed_rho), ("alpha", alpha, self.fixed_alpha)):
+            if fixed is not None and given not in (None, fixed):
+                raise ValueError(f"{self.name} fixes {key} = {fixed}, got {given}")
+        if self.family is not None and family not in (None, self.family):
+            raise ValueError(f"{self.name} has the {self.family.name} family, got {family.name}")
+        if rho is None and self.fixed_rho is None:
+            raise ValueError(f"{self.name} needs rho")
+        return Preset(
+            self.name, family or self.family or DIAGONAL, self.fixed_rho or rho, damping,
+            self.fixed_alpha or alpha or default_alpha, self.site_step,
+            self.solver_named(getattr(solver, "name", solver) or ""),
+            self.point_estimate,
+        )  # fmt: skip
+
+    def preset_for(self, hyper: Hyperparameters) -> Preset:
+        """The preset a run configuration (``rho``, ``damping``, ``alpha``, ``family``, ``solver`` keys) asks for."""
+        rho = None if self.fixed_rho is not None else hyper.rho
+        alpha = None if self.fixed_alpha is not None else hyper.alpha
+        family = None if self.family is not None else self.family_for(hyper)
+        return self.preset(rho=rho, damping=hyper.damping, alpha=alpha, family=family, solver=hyper.solver)
 
     def solver_named(self, name: str) -> ClientSolver:
         """The client solver ``name`` ("" for the default), or ValueError naming the allowed ones."""
@@ -93,6 +122,7 @@ class BaselineSpec:
     section: str
     build: Callable[[Hyperparameters], Algorithm]
     keys: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # configuration keys this entry sets by default
     kind: str = "baseline"
 
 
@@ -109,9 +139,9 @@ _ENTRIES: tuple[BayesADMMSpec | BaselineSpec, ...] = (
     BaselineSpec("scaffold", "SCAFFOLD (Karimireddy et al. 2020), option II control variates", "§7",
                  lambda h: Scaffold(h.server_lr), ("server_lr",)),
     BayesADMMSpec("fedlap", "FedLap: isotropic fixed precision, MAP clients, site-sum server", "§5", LAPLACE,
-                  ISOTROPIC, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True),
+                  ISOTROPIC, (EXACT, LAPLACE), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True),
     BayesADMMSpec("fedlap-cov", "FedLap-Cov: diagonal Laplace clients (diagonal GGN), site-sum server", "§5",
-                  LAPLACE, DIAGONAL, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0),
+                  LAPLACE, DIAGONAL, (EXACT, LAPLACE), fixed_rho=1.0, fixed_alpha=1.0),
     BayesADMMSpec("fedlap-func", "FedLap-Func: FedLap plus a function-space fit to clients' soft labels", "§5",
                   LAPLACE, ISOTROPIC, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True,
                   function_space=True),
@@ -124,9 +154,19 @@ _ENTRIES: tuple[BayesADMMSpec | BaselineSpec, ...] = (
     BayesADMMSpec("federated-admm", "Federated ADMM: isotropic point estimates (alpha = 1: Tseng's AMA)", "§6",
                   LAPLACE, ISOTROPIC, (EXACT, LAPLACE), point_estimate=True),
     BayesADMMSpec("bregman-admm", "Bregman ADMM: the dual step in expectation parameters", "§6", LAPLACE, None,
-                  dual_space="expectation"),
+                  site_step=bregman_site_update),
 )  # fmt: skip
 
 ALGORITHMS: dict[str, BayesADMMSpec | BaselineSpec] = {entry.name: entry for entry in _ENTRIES}
 BAYES_ADMM = tuple(name for name, entry in ALGORITHMS.items() if isinstance(entry, BayesADMMSpec))
 BASELINES = tuple(name for name, entry in ALGORITHMS.items() if isinstance(entry, BaselineSpec))
+
+
+def preset(name: str, **hyperparameters: Any) -> Preset:
+    """The BayesADMM preset ``name`` with explicit hyperparameters (:meth:`BayesADMMSpec.preset`: ``rho``,
+    ``damping``, ``alpha``, ``family``, ``solver``), as the tests, simulations and a user's own loop build
+    one; ``ValueError`` naming the allowed names for another name."""
+    entry = ALGORITHMS.get(name)
+    if not isinstance(entry, BayesADMMSpec):
+        raise ValueError(f"preset: unknown {name!r}; allowed: {', '.join(BAYES_ADMM)}")
+    return entry.preset(**hyperparameters)

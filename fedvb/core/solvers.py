@@ -23,18 +23,12 @@ Two losses have exact solvers here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 from torch import Tensor
 
 from fedvb.core.gaussian import Gaussian, NaturalParams, NonPositivePrecisionError
 
 __all__ = [
-    "LinearRegressionClient",
-    "LocalSolver",
-    "SoftmaxRegressionClient",
     "client_posterior",
     "local_penalty",
     "posterior_from_curvature",
@@ -42,17 +36,6 @@ __all__ = [
     "solve_linear_regression",
     "solve_softmax_regression",
 ]
-
-
-class LocalSolver(Protocol):
-    """A client that can run the BayesADMM client step on its own data."""
-
-    @property
-    def num_examples(self) -> int: ...
-
-    def solve(
-        self, server: Gaussian, site: NaturalParams, *, rho: float, temperature: float, point_estimate: bool
-    ) -> Gaussian: ...
 
 
 def local_penalty(server: Gaussian, site: NaturalParams, rho: float) -> NaturalParams:
@@ -213,45 +196,3 @@ def solve_softmax_regression(
     return client_posterior(
         server, site, theta, loss_hessian, rho=rho, temperature=temperature, point_estimate=point_estimate
     )
-
-
-@dataclass(frozen=True, eq=False)
-class LinearRegressionClient:
-    """A client's linear-regression data bound to the closed-form solver."""
-
-    x: Tensor
-    y: Tensor
-
-    @property
-    def num_examples(self) -> int:
-        return self.x.shape[0]
-
-    def solve(self, server, site, *, rho, temperature=1.0, point_estimate=False) -> Gaussian:
-        return solve_linear_regression(
-            self.x, self.y, server, site, rho=rho, temperature=temperature, point_estimate=point_estimate
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class SoftmaxRegressionClient:
-    """A client's softmax-regression data bound to the Newton solver."""
-
-    x: Tensor
-    y: Tensor
-    num_classes: int
-
-    @property
-    def num_examples(self) -> int:
-        return self.x.shape[0]
-
-    def solve(self, server, site, *, rho, temperature=1.0, point_estimate=False) -> Gaussian:
-        return solve_softmax_regression(
-            self.x,
-            self.y,
-            self.num_classes,
-            server,
-            site,
-            rho=rho,
-            temperature=temperature,
-            point_estimate=point_estimate,
-        )
