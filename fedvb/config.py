@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from fedvb.core import client_solvers, gaussian
-from fedvb.core.gaussian import DENSE
 from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM
 from fedvb.core.robust import COMBINATIONS
 from fedvb.core.trainers import CURVATURES, LR_SCHEDULES
@@ -282,10 +281,16 @@ class RunConfig:
         entry = ALGORITHMS[self.strategy]
         if entry.kind != "bayes-admm":
             return
-        if self.combine != "mean" and entry.family_for(self) is DENSE:
+        family = entry.family_for(self)
+        if self.combine != "mean" and not family.coordinatewise:
             raise ConfigError(
-                "combine", f"{self.combine} combines precisions entry by entry, which need not keep a dense one "
-                "positive definite; allowed with a dense family: 'mean'"
+                "combine", f"{self.combine} combines precisions entry by entry, which need not keep a {family.name} "
+                f"one positive definite; allowed with a {family.name} family: 'mean'"
+            )  # fmt: skip
+        if self.robust_clip > 0 and not family.closed_under_addition:
+            raise ConfigError(
+                "robust_clip", f"clipping moves a precision along a straight line, which leaves the {family.name} "
+                "family; allowed with it: 0"
             )  # fmt: skip
         try:
             solver = entry.solver_named(self.solver)
@@ -295,7 +300,6 @@ class RunConfig:
             free = ", ".join(n for n in BAYES_ADMM if ALGORITHMS[n].family is None)
             raise ConfigError("family", f"{self.strategy} has the {entry.family.name} family; the key chooses the "
                               f"family of {free}")  # fmt: skip
-        family = entry.family_for(self)
         problem = solver.supports(family)
         if problem is not None:
             raise ConfigError("solver", f"{solver.name} cannot serve the {family.name} family ({problem})")

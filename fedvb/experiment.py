@@ -22,7 +22,7 @@ from torch import Tensor
 from fedvb.config import ConfigError, RunConfig
 from fedvb.core.algorithms import Algorithm, BayesADMM, FedLapFunc
 from fedvb.core.client_solvers import EXACT
-from fedvb.core.gaussian import DENSE, Gaussian
+from fedvb.core.gaussian import Gaussian
 from fedvb.core.registry import ALGORITHMS, BayesADMMSpec
 from fedvb.core.robust import Combination
 from fedvb.core.trainers import LocalSettings, TorchTrainer, lr_in_round
@@ -410,11 +410,20 @@ def make_trainer(config: RunConfig, partition_id: int) -> TorchTrainer:
     )
 
 
-def make_algorithm(config: RunConfig, *, with_data: bool = True) -> Algorithm:
+def make_algorithm(config: RunConfig, *, with_data: bool = True, model: torch.nn.Module | None = None) -> Algorithm:
     """The configuration's algorithm, its replies bounded by ``robust_clip`` and combined by ``combine``
     (:mod:`fedvb.core.robust`). ``with_data=False``: build it from the hyperparameters alone, for a user's
-    own model and data (fedvb's dataset is not loaded; FedLap-Func, which needs it, is refused)."""
-    return with_defences(_algorithm(config, with_data), config)
+    own model and data (fedvb's dataset is not loaded; FedLap-Func, which needs it, is refused). ``model``:
+    the architecture a family with a per-layer layout is bound to (default: the run's model when
+    ``with_data``; a client's algorithm binds itself to its trainer's model otherwise)."""
+    algorithm = _algorithm(config, with_data)
+    if isinstance(algorithm, BayesADMM) and algorithm.preset.family.needs_model:
+        if model is None and with_data:
+            with torch.random.fork_rng():  # building a model draws its initialisation: leave the caller's stream
+                model = build_run_model(config, prepare(config))
+        if model is not None:
+            algorithm.bind(model)
+    return with_defences(algorithm, config)
 
 
 def with_defences(algorithm: Algorithm, config: RunConfig) -> Algorithm:
@@ -465,7 +474,7 @@ def test_predictions(config: RunConfig, mean: Tensor, posterior: Gaussian | None
     trainer = _eval_trainer(_key(config), config.device)
     x = torch.as_tensor(dataset.x_test)
     outputs = {"y": torch.as_tensor(dataset.y_test), "mean": trainer.predict(mean, x).cpu()}
-    if posterior is not None and config.eval_samples > 0 and (posterior.family is not DENSE or posterior.dim <= 4096):
+    if posterior is not None and config.eval_samples > 0 and posterior.family.can_sample(posterior.dim):
         generator = torch.Generator().manual_seed(config.seed + 12345)
         draws = posterior.sample(config.eval_samples, generator)
         outputs["predictive"] = sum(trainer.predict(theta, x).cpu() for theta in draws) / config.eval_samples

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedvb.core.client_solvers import ClientSolver
 from fedvb.core.client_store import ClientStore, SitesView
@@ -200,6 +200,12 @@ class BayesADMM(Algorithm):
     def solver(self) -> ClientSolver:
         return self.preset.solver
 
+    def bind(self, model: nn.Module) -> BayesADMM:
+        """Bind the preset's family to ``model`` (a family whose layout follows the layers; a no-op for the
+        others); the server's and the clients' algorithm are bound to the same architecture."""
+        self.preset = self.preset.bound_to(model)
+        return self
+
     def _prior(self, like: Tensor) -> Gaussian:
         return Gaussian.isotropic_prior(like.numel(), self.prior_precision, self.preset.family, dtype=like.dtype)
 
@@ -211,6 +217,8 @@ class BayesADMM(Algorithm):
                             **_site_sum_arrays(zero)})  # fmt: skip
 
     def client_round(self, payload, state, trainer, *, generator):
+        if self.preset.family.needs_model:  # a client's algorithm learns the architecture from its trainer
+            self.bind(trainer.model)
         family = self.preset.family
         server = Gaussian(payload["mean"], payload["precision"], family)
         site = (
@@ -341,9 +349,12 @@ class BayesADMM(Algorithm):
         """The server's running total ``sum_k v_k``, which the cohort's site changes update, so that a round
         reads no other client's site; ``None`` where the round sums every site exactly instead: when the
         cohort is every client (nothing else to read), when there is no running total (an older checkpoint),
-        and for a robust combination of the sites (:mod:`fedvb.core.robust`), which is not a sum of changes."""
+        for a robust combination of the sites (:mod:`fedvb.core.robust`), which is not a sum of changes, and
+        for a family not closed under addition, whose running total would gather one projection a round
+        (it projects the exact sum once instead)."""
         running = "_site_sum_linear" in server.arrays
-        if self.combination.rule != "mean" or not running or cohort >= num_clients:
+        exact = self.combination.rule != "mean" or not self.preset.family.closed_under_addition
+        if exact or not running or cohort >= num_clients:
             return None
         return NaturalParams(server.arrays["_site_sum_linear"], server.arrays["_site_sum_quadratic"],
                              self.preset.family)  # fmt: skip

@@ -6,8 +6,9 @@ solver returns its new posterior ``q_k`` (docs/algorithms.md §2-§4):
 - :data:`EXACT`: closed form (linear regression) or Newton (softmax regression) on the cavity objective;
   exact for every family, the dense Newton variant's solver (docs/algorithms.md §3);
 - :data:`LAPLACE`: MAP by the trainer's optimizer on ``loss / tau`` plus the cavity ``rho lambda_bar - v``
-  (:func:`~fedvb.core.solvers.local_penalty`), then the precision from the diagonal GGN at the mode, put
-  in the family's layout (:meth:`~fedvb.core.gaussian.Family.from_diagonal`) and turned into a client
+  (:func:`~fedvb.core.solvers.local_penalty`), then the precision from the family's own curvature at the
+  mode (:meth:`~fedvb.core.gaussian.Family.laplace_curvature`: the diagonal GGN put in the family's layout,
+  or a family's own structure, e.g. Kronecker factors) turned into a client
   precision by the one formula (:func:`~fedvb.core.solvers.posterior_from_curvature`); a point-estimate
   preset (FedLap, federated ADMM) keeps the server's precision and skips the curvature;
 - :data:`IVON`: IVON with the server as its prior and start and the site as duals (docs/algorithms.md §4);
@@ -24,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from fedvb.core.gaussian import DENSE, Family, Gaussian, NaturalParams
+from fedvb.core.gaussian import Family, Gaussian, NaturalParams
 from fedvb.core.solvers import local_penalty, posterior_from_curvature
 from fedvb.core.trainers import TorchTrainer
 
@@ -84,7 +85,7 @@ class LaplaceSolver:
         mean = mean.to(server.mean)  # the server's dtype and device (the trainer may be on a GPU)
         if point_estimate:
             return Gaussian(mean, server.precision, server.family), {}
-        curvature = server.family.from_diagonal(trainer.curvature(mean, generator=generator).to(server.mean))
+        curvature = server.family.laplace_curvature(trainer, mean, generator=generator).to(server.mean)
         return posterior_from_curvature(server, site, mean, curvature, rho=rho, temperature=temperature), {}
 
 
@@ -94,7 +95,9 @@ class IVONSolver:
     name = "ivon"
 
     def supports(self, family: Family) -> str | None:
-        return "IVON keeps a diagonal Hessian estimate; a dense family needs exact" if family is DENSE else None
+        if family.coordinatewise:
+            return None
+        return f"IVON keeps a diagonal Hessian estimate; a {family.name} family needs exact or laplace"
 
     def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
         ivon_state = {k: v for k, v in state.items() if k.startswith("ivon_")}

@@ -25,9 +25,12 @@ own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from torch import nn
 
 from fedvb.core.client_solvers import EXACT, ClientSolver
 from fedvb.core.gaussian import Family, Gaussian, NaturalParams
@@ -194,3 +197,9 @@ class Preset:
 
     def update_site(self, site: NaturalParams, client: Gaussian, server: Gaussian) -> NaturalParams:
         return self.site_step(site, client, server, rho=self.rho, damping=self.damping)
+
+    def bound_to(self, model: nn.Module) -> Preset:
+        """This preset with its family bound to ``model``'s layers (:meth:`~fedvb.core.gaussian.Family.bind`;
+        itself when the family's layout does not depend on the model)."""
+        family = self.family.bind(model)
+        return self if family is self.family else dataclasses.replace(self, family=family)

@@ -21,9 +21,25 @@ diagonal    shape ``(P,)``          ``-1/2 theta * theta`` (elementwise)
 dense       shape ``(P, P)``        ``-1/2 theta theta^T``
 ==========  ======================  =====================================
 
-A new covariance structure (say Kronecker factors) is one new ``Family``
-subclass; everything above it (site update, aggregation, solvers) is written
-against this interface.  Pure torch, float32 or float64, any device.
+A new covariance structure is one new ``Family`` subclass in a module of its own
+(:mod:`fedvb.core.kronecker` is one: Kronecker factors per layer); everything
+above it (site update, aggregation, solvers, messages, checkpoints) is written
+against this interface. A family owns:
+
+- its layout: the quadratic part of natural parameters, sites and precisions is one
+  tensor of ``precision_shape(dim)``, which is also what messages, client stores
+  and checkpoints carry (:meth:`Family.named_arrays` names its parts for
+  ``posterior.npz``);
+- its algebra: :class:`NaturalParams` adds, subtracts and scales through
+  :meth:`Family.add`, :meth:`Family.sub`, :meth:`Family.scale` and sums through
+  :meth:`Family.total`; a family that is not closed under addition (a sum of
+  Kronecker products is not one) projects the result back into itself there;
+- its identity: ``==`` (one object per closed family; a family built for a model
+  compares by its layout), and the properties :attr:`Family.coordinatewise` and
+  :attr:`Family.closed_under_addition` that callers ask instead of naming families;
+- the curvature its Laplace clients compute (:meth:`Family.laplace_curvature`).
+
+Pure torch, float32 or float64, any device.
 """
 
 from __future__ import annotations
@@ -33,11 +49,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedvb.core.tensor_checks import all_finite, smallest_and_largest
+
+if TYPE_CHECKING:
+    from fedvb.core.trainers import TorchTrainer
 
 __all__ = [
     "DENSE",
@@ -67,6 +87,68 @@ class Family(ABC):
     """
 
     name: str
+    # A weighted sum of members is a member (iso, diagonal, dense): sums need no projection, and a convex
+    # combination of precisions (robust clipping) stays in the family.
+    closed_under_addition = True
+    # The precision is diagonal in the parameters' own coordinates (iso, diagonal): combining members
+    # coordinate by coordinate (trimmed mean, median) gives a member, IVON can hold it, and a penalty's
+    # gradient is one product per parameter.
+    coordinatewise = False
+    # A family whose layout depends on the model (bind it with :meth:`bind` before use).
+    needs_model = False
+
+    # -- algebra of the quadratic part (natural parameters, sites, precisions) -----------------
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a + b`` of two quadratic parts, back in the family."""
+        return a + b
+
+    def sub(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a - b`` of two quadratic parts, back in the family."""
+        return a - b
+
+    def scale(self, a: Tensor, factor: float) -> Tensor:
+        """``factor * a``."""
+        return factor * a
+
+    def divide(self, a: Tensor, divisor: float) -> Tensor:
+        """``a / divisor`` (a division, not a product with the reciprocal: the two differ in the last bit,
+        and the closed families keep the numbers they always gave)."""
+        return a / divisor
+
+    def total(self, quadratics: Iterable[Tensor]) -> Tensor:
+        """The sum of a non-empty stream of quadratic parts: left to right, each term freed once added (a
+        family not closed under addition projects the whole sum once, which beats projecting pairwise)."""
+        total = None
+        for quadratic in quadratics:
+            total = quadratic if total is None else self.add(total, quadratic)
+        if total is None:
+            raise ValueError("a sum needs at least one term")
+        return total
+
+    def diagonal(self, precision: Tensor, dim: int) -> Tensor | None:
+        """The precision as one value per parameter, shape ``(P,)``, for a :attr:`coordinatewise` family
+        (what IVON holds); ``None`` for the others."""
+        return None
+
+    # -- models, curvature, files -----------------------------------------------------------
+    def bind(self, model: nn.Module) -> Family:
+        """This family for ``model``'s trainable parameters (its layout may depend on the layers); the same
+        family for one whose layout does not."""
+        return self
+
+    def laplace_curvature(self, trainer: TorchTrainer, theta: Tensor, *, generator: torch.Generator | None) -> Tensor:
+        """The loss curvature a Laplace client computes at ``theta`` on its own data, in this family's layout:
+        the diagonal GGN (:meth:`~fedvb.core.trainers.TorchTrainer.curvature`) put in the family
+        (:meth:`from_diagonal`)."""
+        return self.from_diagonal(trainer.curvature(theta, generator=generator))
+
+    def named_arrays(self, name: str, precision: Tensor, dim: int) -> dict[str, Tensor]:
+        """The precision as named arrays for ``posterior.npz`` (a user reads them without fedvb)."""
+        return {name: precision}
+
+    def can_sample(self, dim: int) -> bool:
+        """Whether drawing from a ``dim``-parameter Gaussian of this family is affordable (the predictive)."""
+        return True
 
     @abstractmethod
     def precision_shape(self, dim: int) -> tuple[int, ...]:
@@ -141,6 +223,13 @@ class Isotropic(Family):
     """``S = s I`` with one scalar ``s`` (a 0-d tensor)."""
 
     name = "isotropic"
+    coordinatewise = True
+
+    def diagonal(self, precision, dim):
+        return precision.expand(dim)
+
+    def named_arrays(self, name, precision, dim):
+        return {name: precision.expand(dim).clone()}  # one value per parameter, as the other families' files
 
     def precision_shape(self, dim: int) -> tuple[int, ...]:
         return ()
@@ -194,6 +283,10 @@ class Diagonal(Family):
     """``S = diag(s)`` with one precision per parameter."""
 
     name = "diagonal"
+    coordinatewise = True
+
+    def diagonal(self, precision, dim):
+        return precision
 
     def precision_shape(self, dim: int) -> tuple[int, ...]:
         return (dim,)
@@ -255,6 +348,9 @@ class Dense(Family):
     """A full symmetric positive-definite ``(P, P)`` precision, handled through Cholesky."""
 
     name = "dense"
+
+    def can_sample(self, dim):
+        return dim <= 4096  # a Cholesky factor of P x P: beyond this the predictive costs more than the round
 
     def precision_shape(self, dim: int) -> tuple[int, ...]:
         return (dim, dim)
@@ -371,7 +467,7 @@ class NaturalParams:
         return self.linear.numel()
 
     def _same_family(self, other: NaturalParams) -> None:
-        if other.family is not self.family or other.dim != self.dim:
+        if other.family != self.family or other.dim != self.dim:
             raise ValueError(
                 f"cannot combine {self.family.name}(P={self.dim}) with "
                 f"{other.family.name}(P={other.dim}) natural parameters"
@@ -379,17 +475,17 @@ class NaturalParams:
 
     def __add__(self, other: NaturalParams) -> NaturalParams:
         self._same_family(other)
-        return NaturalParams(self.linear + other.linear, self.quadratic + other.quadratic, self.family)
+        return NaturalParams(self.linear + other.linear, self.family.add(self.quadratic, other.quadratic), self.family)
 
     def __sub__(self, other: NaturalParams) -> NaturalParams:
         self._same_family(other)
-        return NaturalParams(self.linear - other.linear, self.quadratic - other.quadratic, self.family)
+        return NaturalParams(self.linear - other.linear, self.family.sub(self.quadratic, other.quadratic), self.family)
 
     def __neg__(self) -> NaturalParams:
-        return NaturalParams(-self.linear, -self.quadratic, self.family)
+        return NaturalParams(-self.linear, self.family.scale(self.quadratic, -1.0), self.family)
 
     def __mul__(self, scale: float) -> NaturalParams:
-        return NaturalParams(scale * self.linear, scale * self.quadratic, self.family)
+        return NaturalParams(scale * self.linear, self.family.scale(self.quadratic, scale), self.family)
 
     __rmul__ = __mul__
 
@@ -410,12 +506,22 @@ def mean_natural(items: Iterable[NaturalParams]) -> NaturalParams:
 
 
 def _fold(items: Iterable[NaturalParams]) -> tuple[NaturalParams, int]:
-    total, count = None, 0
-    for item in items:
-        total, count = (item if total is None else total + item), count + 1
-    if total is None:
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
         raise ValueError("sum_natural needs at least one term")
-    return total, count
+    if first.family.closed_under_addition:  # left to right, each term dropped once added
+        total, count = first, 1
+        for item in items:
+            total, count = total + item, count + 1
+        return total, count
+    terms = [first, *items]  # the family projects the whole sum once (Family.total)
+    for term in terms[1:]:
+        first._same_family(term)
+    linear = terms[0].linear
+    for term in terms[1:]:
+        linear = linear + term.linear
+    return NaturalParams(linear, first.family.total(t.quadratic for t in terms), first.family), len(terms)
 
 
 @dataclass(frozen=True, eq=False)
@@ -517,7 +623,7 @@ class Gaussian:
 
     def kl(self, other: Gaussian) -> Tensor:
         """``KL(self || other)``."""
-        if other.family is not self.family or other.dim != self.dim:
+        if other.family != self.family or other.dim != self.dim:
             raise ValueError("kl: both Gaussians must share family and dimension")
         diff = self.mean - other.mean
         return 0.5 * (

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from fedvb.core import ivon_native
-from fedvb.core.gaussian import DIAGONAL, ISOTROPIC, Gaussian
+from fedvb.core.gaussian import DIAGONAL, Gaussian
 
 __all__ = ["IVON"]
 
@@ -307,11 +307,11 @@ class IVON(torch.optim.Optimizer):
 
         Call after ``set_prior`` (``h`` is the part of the precision beyond the prior).
         """
-        if posterior.family not in (DIAGONAL, ISOTROPIC):
+        precision = posterior.family.diagonal(posterior.precision, posterior.dim)
+        if precision is None:
             raise ValueError(f"IVON: warm start needs a diagonal or isotropic Gaussian, got {posterior.family.name}")
         if posterior.dim != self.num_trainable:
             raise ValueError(f"IVON: warm start has {posterior.dim} parameters, the optimizer {self.num_trainable}")
-        precision = posterior.precision.expand(posterior.dim) if posterior.family is ISOTROPIC else posterior.precision
         start = 0
         with torch.no_grad():
             for flat, group in zip(self._flat, self.param_groups):

@@ -71,7 +71,9 @@ def posterior_from_curvature(
 ) -> Gaussian:
     """``N(mean, S_k^-1)`` with ``S_k = S_bar + (C / tau - V) / rho`` for a curvature ``C`` already in the
     family's layout (docs/algorithms.md §3): the one client-precision formula every solver uses."""
-    precision = server.precision + (curvature / temperature - site.quadratic) / rho
+    family = server.family  # the family's own algebra: a family not closed under addition projects the sums
+    curvature_over_temperature = family.divide(curvature, temperature)
+    precision = family.add(server.precision, family.divide(family.sub(curvature_over_temperature, site.quadratic), rho))
     problem = server.family.positivity_problem(precision)
     if problem is not None:
         raise NonPositivePrecisionError(f"client posterior: {problem}")

@@ -18,13 +18,14 @@ Parameters travel as one flat vector in ``model.parameters()`` order.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from fedvb.core.gaussian import DIAGONAL, ISOTROPIC, Gaussian, NaturalParams
+from fedvb.core.gaussian import DIAGONAL, Gaussian, NaturalParams
 from fedvb.core.ivon import IVON
 from fedvb.core.solvers import solve_linear_regression, solve_softmax_regression
 
@@ -166,7 +167,7 @@ class TorchTrainer:
         # directly: through autograd (a flat copy of the parameters, its products and their backward) it
         # cost as much as the MLP's own step and made every penalised client (FedProx, FedLap, Laplace) twice
         # as slow as FedAvg's. A dense penalty couples the parameters and stays with autograd.
-        by_parameter = penalty is not None and penalty.family in (ISOTROPIC, DIAGONAL)
+        by_parameter = penalty is not None and penalty.family.coordinatewise
         if by_parameter:
             sizes = [p.numel() for p in params]
             linears = [b.view_as(p) for b, p in zip(torch.split(linear, sizes), params)]
@@ -199,13 +200,11 @@ class TorchTrainer:
         replaces the sum over classes by one label drawn from ``p_i`` (``generator``):
         an unbiased estimate at the cost of one backward pass.
         """
+        linears = _linear_layers(self.model)
+        if linears is not None:
+            return self._linear_curvature(theta, linears, generator)
         self.set_flat(theta)
-        model = self.model.eval()
-        linears = _linear_layers(model)
-        with torch.enable_grad():
-            if linears is not None:
-                return self._linear_curvature(model, linears, generator)
-        return self._jacobian_curvature(model, generator)
+        return self._jacobian_curvature(self.model.eval(), generator)
 
     def _output_weights(self, out: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """The rows ``g`` to backpropagate and their weights ``w``: the curvature is ``sum_r w_r (J^T g_r)^2``
@@ -226,39 +225,57 @@ class TorchTrainer:
         out = model(x)
         return out.reshape(out.shape[0], -1) if self.task == "regression" else torch.log_softmax(out, -1)
 
-    def _linear_curvature(self, model: nn.Module, linears: list[nn.Linear], generator) -> Tensor:
-        """For a model whose trainable parameters all sit in ``nn.Linear`` layers (the MLPs, softmax and
-        linear regression): a row's per-example gradient for a layer is ``g_i a_i^T`` (``a_i`` the layer's
-        input, ``g_i`` the gradient at its output), so ``sum_i w_i (g_i a_i^T)^2 = (w g^2)^T (a^2)``: one
-        batched backward pass to the layers' outputs per row, no per-example Jacobian."""
-        inputs: dict[nn.Linear, Tensor] = {}
-        outputs: dict[nn.Linear, Tensor] = {}
+    def layer_gradients(
+        self, theta: Tensor, layers: list[nn.Module], *, generator: torch.Generator | None
+    ) -> Iterator[tuple[dict[nn.Module, Tensor], dict[nn.Module, Tensor], Tensor]]:
+        """The pieces of the GGN of the summed loss at ``theta``, layer by layer, batch by batch of the
+        client's data: each of ``layers``' input ``a`` (``(B, ...)``), the gradient at its output of every
+        row of :meth:`_output_weights` (``(R, B, ...)``) and the rows' weights ``w`` (``(R, B)``), so that
+        the GGN is ``sum_b sum_r w_rb (J_b^T g_rb)(J_b^T g_rb)^T`` and a layer's per-example gradient is
+        built from its ``g`` and ``a`` alone (a linear layer's is ``g a^T``). One batched backward pass per
+        batch, no per-example Jacobian: what the exact diagonal GGN of linear layers and the Kronecker
+        factors of :mod:`fedvb.core.kronecker` are made of."""
+        self.set_flat(theta)
+        model = self.model.eval()
+        inputs: dict[nn.Module, Tensor] = {}
+        outputs: dict[nn.Module, Tensor] = {}
 
         def keep(module, args, output):
             inputs[module], outputs[module] = args[0].detach(), output
 
-        hooks = [layer.register_forward_hook(keep) for layer in linears]
-        total = {id(p): torch.zeros_like(p) for layer in linears for p in layer.parameters() if p.requires_grad}
+        hooks = [layer.register_forward_hook(keep) for layer in layers]
         batch = 16 * self.settings.curvature_batch  # no per-example Jacobian held: batches as large as training's
         try:
-            for start in range(0, self.num_examples, batch):
-                xb = self.x[start : start + batch]
-                out = self._outputs(model, xb)
-                rows, weights = self._output_weights(out, generator)
-                grads = torch.autograd.grad(
-                    out, [outputs[layer] for layer in linears], grad_outputs=rows, is_grads_batched=True
-                )
-                for layer, g in zip(linears, grads):  # g: (R, B, out_features)
-                    squares = (weights.unsqueeze(-1) * g.square()).sum(0)  # (B, out): sum_r w_r g^2
-                    a = inputs[layer].reshape(-1, layer.in_features)
-                    squares = squares.reshape(-1, layer.out_features)
-                    if layer.weight.requires_grad:
-                        total[id(layer.weight)] += squares.T @ a.square()
-                    if layer.bias is not None and layer.bias.requires_grad:
-                        total[id(layer.bias)] += squares.sum(0)
+            with torch.enable_grad():
+                for start in range(0, self.num_examples, batch):
+                    out = self._outputs(model, self.x[start : start + batch])
+                    rows, weights = self._output_weights(out, generator)
+                    grads = torch.autograd.grad(
+                        out, [outputs[layer] for layer in layers], grad_outputs=rows, is_grads_batched=True
+                    )
+                    yield dict(inputs), {layer: g.detach() for layer, g in zip(layers, grads)}, weights
+                    inputs.clear()
+                    outputs.clear()
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _linear_curvature(self, theta: Tensor, linears: list[nn.Linear], generator) -> Tensor:
+        """For a model whose trainable parameters all sit in ``nn.Linear`` layers (the MLPs, softmax and
+        linear regression): a row's per-example gradient for a layer is ``g_i a_i^T`` (``a_i`` the layer's
+        input, ``g_i`` the gradient at its output), so ``sum_i w_i (g_i a_i^T)^2 = (w g^2)^T (a^2)``
+        (:meth:`layer_gradients`)."""
+        total = {id(p): torch.zeros_like(p) for layer in linears for p in layer.parameters() if p.requires_grad}
+        for inputs, grads, weights in self.layer_gradients(theta, linears, generator=generator):
+            for layer in linears:
+                g = grads[layer]  # (R, B, out_features)
+                squares = (weights.unsqueeze(-1) * g.square()).sum(0)  # (B, out): sum_r w_r g^2
+                a = inputs[layer].reshape(-1, layer.in_features)
+                squares = squares.reshape(-1, layer.out_features)
+                if layer.weight.requires_grad:
+                    total[id(layer.weight)] += squares.T @ a.square()
+                if layer.bias is not None and layer.bias.requires_grad:
+                    total[id(layer.bias)] += squares.sum(0)
         return torch.cat([total[id(p)].reshape(-1) for p in self._params()]).detach()
 
     def _jacobian_curvature(self, model: nn.Module, generator) -> Tensor:
@@ -296,7 +313,8 @@ class TorchTrainer:
         """The BayesADMM client step by IVON (docs/algorithms.md §4): ``ess = N / rho``, the server as the
         prior and the start, the site divided by ``rho`` as duals. ``state`` carries IVON's momentum
         and step counter across rounds (they are not reset, as in the reference code)."""
-        if server.family not in (DIAGONAL, ISOTROPIC):
+        precision = server.family.diagonal(server.precision, server.dim)
+        if precision is None:
             raise ValueError(f"ivon solver needs a diagonal or isotropic family, got {server.family.name}")
         params = self._params()
         s = self.settings
@@ -308,10 +326,9 @@ class TorchTrainer:
             params, lr=self.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
             beta2=s.ivon_beta2, generator=generator, kernel=s.ivon_kernel,
         )  # fmt: skip
-        precision = server.precision.expand(server.dim) if server.family is ISOTROPIC else server.precision
         device_dtype = dict(device=self.device, dtype=self.dtype)
         opt.set_prior(server.mean.to(**device_dtype), precision.to(**device_dtype))
-        quadratic = site.quadratic.expand(server.dim) if server.family is ISOTROPIC else site.quadratic
+        quadratic = server.family.diagonal(site.quadratic, server.dim)
         opt.set_dual(site.linear.to(**device_dtype) / rho, quadratic.to(**device_dtype) / rho)
         opt.warm_start(Gaussian(server.mean.to(**device_dtype), precision.to(**device_dtype), DIAGONAL))
         if first_round:  # docs/algorithms.md §4: round 1 starts from h0, later rounds from the server (h = 0)

@@ -264,9 +264,9 @@ class RunFolder:
         self.summary = summary
         _atomic_write(self.path / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         arrays = {"mean": mean.detach().cpu().numpy()}
-        if posterior is not None:
-            precision = posterior.precision.detach().cpu().numpy()
-            arrays["precision"] = np.full(mean.shape, precision) if precision.ndim == 0 else precision
+        if posterior is not None:  # the family names its precision's parts (one array for iso, diagonal, dense)
+            named = posterior.family.named_arrays("precision", posterior.precision.detach(), posterior.dim)
+            arrays.update({name: value.cpu().numpy() for name, value in named.items()})
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         _atomic_write(self.path / "posterior.npz", buffer.getvalue())

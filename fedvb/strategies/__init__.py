@@ -49,4 +49,5 @@ def for_model(
     known = dict(client_sizes or {})
     if strategy == "fedavg":
         return FedAvg(config, start=start, known_examples=known)
-    return AlgorithmStrategy(config, make_algorithm(config, with_data=False), start=start, known_examples=known)
+    algorithm = make_algorithm(config, with_data=False, model=model)
+    return AlgorithmStrategy(config, algorithm, start=start, known_examples=known)
