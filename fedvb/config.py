@@ -287,11 +287,6 @@ class RunConfig:
                 "combine", f"{self.combine} combines precisions entry by entry, which need not keep a {family.name} "
                 f"one positive definite; allowed with a {family.name} family: 'mean'"
             )  # fmt: skip
-        if self.robust_clip > 0 and not family.closed_under_addition:
-            raise ConfigError(
-                "robust_clip", f"clipping moves a precision along a straight line, which leaves the {family.name} "
-                "family; allowed with it: 0"
-            )  # fmt: skip
         try:
             solver = entry.solver_named(self.solver)
         except ValueError as error:

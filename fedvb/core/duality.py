@@ -56,7 +56,15 @@ def site_update(
     ``v_k <- v_k + damping * rho * (lambda_k - lambda_bar)``; for Gaussians
     ``dv = damping rho (S_k m_k - S_bar m_bar)`` and ``dV = damping rho (S_k - S_bar)``.
     """
-    return site + (damping * rho) * (client.natural() - server.natural())
+    step = damping * rho
+    if site.family.closed_under_addition:
+        return site + step * (client.natural() - server.natural())
+    # one projection of the whole step (Family.combine): projecting lambda_k - lambda_bar first would keep only
+    # what a single Kronecker product holds of a difference of two
+    client_natural, server_natural = client.natural(), server.natural()
+    linear = site.linear + step * (client_natural.linear - server_natural.linear)
+    terms = [(1.0, site.quadratic), (step, client_natural.quadratic), (-step, server_natural.quadratic)]
+    return NaturalParams(linear, site.family.combine(terms), site.family)
 
 
 def bregman_site_update(

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -87,8 +87,9 @@ class Family(ABC):
     """
 
     name: str
-    # A weighted sum of members is a member (iso, diagonal, dense): sums need no projection, and a convex
-    # combination of precisions (robust clipping) stays in the family.
+    # A weighted sum of members is a member (iso, diagonal, dense): sums need no projection. (Robust clipping
+    # moves a precision's layout along a straight line towards the server's, which keeps every family's
+    # positive: a convex combination of positive diagonals, matrices or Kronecker factors.)
     closed_under_addition = True
     # The precision is diagonal in the parameters' own coordinates (iso, diagonal): combining members
     # coordinate by coordinate (trimmed mean, median) gives a member, IVON can hold it, and a penalty's
@@ -115,6 +116,17 @@ class Family(ABC):
         and the closed families keep the numbers they always gave)."""
         return a / divisor
 
+    def combine(self, terms: Sequence[tuple[float, Tensor]]) -> Tensor:
+        """``sum_i c_i Q_i`` of ``terms`` ``(c_i, Q_i)`` in one step: a family not closed under addition projects
+        the whole combination once (where a chain of ``add`` and ``sub`` would project each partial result, and
+        the difference of two projections loses what the terms had in common)."""
+        total = None
+        for factor, quadratic in terms:
+            total = self.scale(quadratic, factor) if total is None else self.add(total, self.scale(quadratic, factor))
+        if total is None:
+            raise ValueError("a combination needs at least one term")
+        return total
+
     def total(self, quadratics: Iterable[Tensor]) -> Tensor:
         """The sum of a non-empty stream of quadratic parts: left to right, each term freed once added (a
         family not closed under addition projects the whole sum once, which beats projecting pairwise)."""
@@ -124,6 +136,10 @@ class Family(ABC):
         if total is None:
             raise ValueError("a sum needs at least one term")
         return total
+
+    @abstractmethod
+    def smallest_eigenvalue(self, precision: Tensor) -> float:
+        """The smallest eigenvalue of the matrix a precision of this family stands for."""
 
     def diagonal(self, precision: Tensor, dim: int) -> Tensor | None:
         """The precision as one value per parameter, shape ``(P,)``, for a :attr:`coordinatewise` family
@@ -228,6 +244,9 @@ class Isotropic(Family):
     def diagonal(self, precision, dim):
         return precision.expand(dim)
 
+    def smallest_eigenvalue(self, precision):
+        return float(precision)
+
     def named_arrays(self, name, precision, dim):
         return {name: precision.expand(dim).clone()}  # one value per parameter, as the other families' files
 
@@ -287,6 +306,9 @@ class Diagonal(Family):
 
     def diagonal(self, precision, dim):
         return precision
+
+    def smallest_eigenvalue(self, precision):
+        return float(precision.min())
 
     def precision_shape(self, dim: int) -> tuple[int, ...]:
         return (dim,)
@@ -351,6 +373,9 @@ class Dense(Family):
 
     def can_sample(self, dim):
         return dim <= 4096  # a Cholesky factor of P x P: beyond this the predictive costs more than the round
+
+    def smallest_eigenvalue(self, precision):
+        return float(torch.linalg.eigvalsh(0.5 * (precision + precision.T))[0])
 
     def precision_shape(self, dim: int) -> tuple[int, ...]:
         return (dim, dim)

@@ -71,9 +71,15 @@ def posterior_from_curvature(
 ) -> Gaussian:
     """``N(mean, S_k^-1)`` with ``S_k = S_bar + (C / tau - V) / rho`` for a curvature ``C`` already in the
     family's layout (docs/algorithms.md §3): the one client-precision formula every solver uses."""
-    family = server.family  # the family's own algebra: a family not closed under addition projects the sums
-    curvature_over_temperature = family.divide(curvature, temperature)
-    precision = family.add(server.precision, family.divide(family.sub(curvature_over_temperature, site.quadratic), rho))
+    family = server.family
+    if family.closed_under_addition:
+        precision = server.precision + (curvature / temperature - site.quadratic) / rho
+    else:  # one projection of the whole combination: S_k - S_bar then keeps what the two have in common
+        terms = [(1.0, server.precision), (1.0 / (temperature * rho), curvature), (-1.0 / rho, site.quadratic)]
+        # The projected server precision minus one client's site need not be positive definite where the exact
+        # one is, so neither need the combination: its eigenvalues are raised to the server's smallest where
+        # they fall below.
+        precision = family.clamp(family.combine(terms), family.smallest_eigenvalue(server.precision))
     problem = server.family.positivity_problem(precision)
     if problem is not None:
         raise NonPositivePrecisionError(f"client posterior: {problem}")
