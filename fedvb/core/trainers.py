@@ -163,11 +163,15 @@ class TorchTrainer:
         if penalty is not None:
             quadratic = penalty.quadratic.to(self.device, self.dtype)
             linear = penalty.linear.to(self.device, self.dtype)
-        # A diagonal or isotropic penalty's gradient, scale (A t - b), is added to each parameter's gradient
-        # directly: through autograd (a flat copy of the parameters, its products and their backward) it
-        # cost as much as the MLP's own step and made every penalised client (FedProx, FedLap, Laplace) twice
-        # as slow as FedAvg's. A dense penalty couples the parameters and stays with autograd.
+        # The penalty's gradient, scale (A t - b), is added to each parameter's gradient directly: through
+        # autograd (a flat copy of the parameters, its products and their backward) it cost as much as the
+        # MLP's own step and made every penalised client (FedProx, FedLap, Laplace) twice as slow as FedAvg's.
+        # A coordinate-wise penalty (diagonal, isotropic) is one product per parameter; any other (dense,
+        # Kronecker) is one matrix-vector product of the family over the flat parameters.
         by_parameter = penalty is not None and penalty.family.coordinatewise
+        coupled = penalty is not None and not by_parameter
+        if coupled:
+            sizes = [p.numel() for p in params]
         if by_parameter:
             sizes = [p.numel() for p in params]
             linears = [b.view_as(p) for b, p in zip(torch.split(linear, sizes), params)]
@@ -178,11 +182,13 @@ class TorchTrainer:
         for xb, yb in self._batches(generator):
             opt.zero_grad()
             loss = self.loss_sum(xb, yb) / xb.shape[0]
-            if penalty is not None and not by_parameter:
-                flat = torch.cat([p.reshape(-1) for p in params])
-                value = 0.5 * (flat * penalty.family.matvec(quadratic, flat)).sum() - linear @ flat
-                loss = loss + scale * value
             loss.backward()
+            if coupled:
+                with torch.no_grad():
+                    flat = torch.cat([p.reshape(-1) for p in params])
+                    gradient = penalty.family.matvec(quadratic, flat).sub_(linear)
+                    for param, piece in zip(params, torch.split(gradient, sizes)):
+                        param.grad.add_(piece.view_as(param), alpha=scale)
             if by_parameter:
                 with torch.no_grad():
                     for param, a, b in zip(params, quadratics, linears):
