@@ -151,6 +151,12 @@ BAD_INPUTS = [
     (["--set", "combine=average"], "combine: got 'average'; allowed: 'mean', 'trimmed', 'median'"),
     (["--set", "combine_trim=0.5"], "combine_trim: must be < 0.5, got 0.5"),
     (["--set", "strategy=bayes-admm-newton", "--set", "combine=median"], "combine: median combines precisions"),
+    (
+        ["--strategy", "fedlap-kfac", "--set", "combine=trimmed"],
+        "combine: trimmed combines precisions entry by entry, "
+        "which need not keep a kronecker one positive definite; allowed with a kronecker family: 'mean'",
+    ),
+    (["--strategy", "fedlap-kfac", "--set", "solver=ivon"], "solver: fedlap-kfac allows the solvers exact, laplace"),
     (["--set", "ivon_beta2=1"], "ivon_beta2: must be < 1, got 1.0"),
     (["--set", "ivon_mc_samples=0"], "ivon_mc_samples: must be >= 1, got 0"),
     (["--set", "ivon_kernel=gpu"], "ivon_kernel: got 'gpu'; allowed: 'auto', 'torch', 'native'"),

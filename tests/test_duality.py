@@ -254,7 +254,7 @@ def test_preset_validation(kwargs, message):
 
 def test_make_preset_names_allowed_values():
     assert make_preset("pvi", family=DENSE, solver="exact").mixing(K) == 1.0
-    with pytest.raises(ValueError, match="allowed: fedlap, fedlap-cov, fedlap-func, ivon-admm, bayes-admm-newton"):
+    with pytest.raises(ValueError, match="allowed: fedlap, fedlap-cov, fedlap-kfac, fedlap-func, ivon-admm"):
         make_preset("admm++")
 
 

@@ -20,6 +20,7 @@ from fedvb.core.algorithms import Algorithm, FedADMM, FedAvg, FedDyn, FedProx, S
 from fedvb.core.client_solvers import EXACT, IVON, LAPLACE, SOLVERS, ClientSolver
 from fedvb.core.duality import Preset, SiteStep, bregman_site_update, default_alpha, site_update
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Family, family_by_name
+from fedvb.core.kronecker import KRONECKER
 
 __all__ = ["ALGORITHMS", "BASELINES", "BAYES_ADMM", "BaselineSpec", "BayesADMMSpec", "Hyperparameters", "preset"]
 
@@ -142,6 +143,8 @@ _ENTRIES: tuple[BayesADMMSpec | BaselineSpec, ...] = (
                   ISOTROPIC, (EXACT, LAPLACE), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True),
     BayesADMMSpec("fedlap-cov", "FedLap-Cov: diagonal Laplace clients (diagonal GGN), site-sum server", "§5",
                   LAPLACE, DIAGONAL, (EXACT, LAPLACE), fixed_rho=1.0, fixed_alpha=1.0),
+    BayesADMMSpec("fedlap-kfac", "FedLap-KFAC: FedLap-Cov with Kronecker-factored (K-FAC) Laplace clients per layer",
+                  "§10", LAPLACE, KRONECKER, (EXACT, LAPLACE), fixed_rho=1.0, fixed_alpha=1.0),
     BayesADMMSpec("fedlap-func", "FedLap-Func: FedLap plus a function-space fit to clients' soft labels", "§5",
                   LAPLACE, ISOTROPIC, (LAPLACE,), fixed_rho=1.0, fixed_alpha=1.0, point_estimate=True,
                   function_space=True),
