@@ -12,8 +12,8 @@ is in docs/algorithms.md (the section each entry cites).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedvb.core.algorithms import Algorithm, FedADMM, FedAvg, FedDyn, FedProx, Scaffold
@@ -54,7 +54,6 @@ class BayesADMMSpec:
     point_estimate: bool = False
     site_step: SiteStep = site_update
     function_space: bool = False  # FedLap-Func: the server also fits soft labels on unlabelled inputs
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # configuration keys this entry sets by default
     kind: str = "bayes-admm"
 
     def family_for(self, hyper: Hyperparameters) -> Family:
@@ -123,7 +122,6 @@ class BaselineSpec:
     section: str
     build: Callable[[Hyperparameters], Algorithm]
     keys: tuple[str, ...] = ()
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # configuration keys this entry sets by default
     kind: str = "baseline"
 
 
