@@ -54,10 +54,18 @@ class InProcessGrid(Grid):
     """
 
     def __init__(
-        self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_id: int = 1, pool: WorkerPool | None = None
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        *,
+        seed: int = 0,
+        run_id: int = 1,
+        pool: WorkerPool | None = None,
+        cohort_chunk: int | None = None,
     ) -> None:
         self.client_app = client_app
         self.pool = pool
+        self.cohort_chunk = cohort_chunk  # None: client by client; else the cohort engine, this many at a time (0: all)
         ids = np.random.default_rng(seed).choice(2**62, size=num_nodes, replace=False) + 1
         self.contexts = {
             int(node_id): Context(
@@ -121,6 +129,14 @@ class InProcessGrid(Grid):
         total = len(messages)
         if isinstance(messages, DrainableMessages):  # build each message as it is sent, keep none
             messages = messages.drain()
+        if self.cohort_chunk is not None:  # the cohort engine: a chunk's messages are held while it trains together
+            from fedvb.clients.cohort import cohort_replies
+
+            replies = cohort_replies(self.client_app, self._stamped(messages), self.contexts, chunk=self.cohort_chunk)
+            for done, reply in enumerate(replies, 1):
+                yield reply
+                self._report_progress(done, total)
+            return
         if self.pool is not None:
             jobs = ((m, self.contexts[m.metadata.dst_node_id]) for m in self._stamped(messages))
             for result in self.pool.stream(jobs, total, timeout=timeout, on_done=self._report_progress):
@@ -169,6 +185,8 @@ class InProcessGrid(Grid):
 def worker_count(config: RunConfig) -> int:
     """How many worker processes an in-process run uses: ``workers`` (0: one per core this process may run
     on; one on a GPU, which the clients would share), never more than the clients of a round."""
+    if config.engine == "vectorised":
+        return 1  # the cohort trains together in the server's process
     wanted = config.workers or (1 if config.device != "cpu" else available_cores())
     return max(1, min(wanted, math.ceil(config.fraction_train * config.num_clients)))
 
@@ -215,7 +233,8 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, rep
 
     if config.backend == "inprocess":
         with client_workers(config) as pool:
-            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool)
+            chunk = config.cohort_chunk if config.engine == "vectorised" else None
+            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool, cohort_chunk=chunk)
             grid.on_progress = report
             act_as_server(grid)
             run_server(grid, config, resume=resume, overwrite=overwrite, report=report)

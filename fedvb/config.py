@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("", *client_solvers.SOLVERS)  # "": the strategy's own
 FAMILIES = ("", *gaussian.FAMILIES)
 IVON_KERNELS = ("auto", "torch", "native")
+ENGINES = ("loop", "vectorised")
 LOGGERS = ("", "tensorboard")
 EVAL_CLIENTS_AUTO = 100  # eval_clients = -1: past this many clients a sample, so evaluation follows the cohort
 # the client solver of each BayesADMM preset when the solver key is left empty
@@ -144,6 +145,15 @@ class RunConfig:
         metadata=_meta("clients whose local test split is scored (a sample drawn once per run); -1: every "
                        f"client up to {EVAL_CLIENTS_AUTO}, else {EVAL_CLIENTS_AUTO}; 0: every client", min=-1),
     )  # fmt: skip
+    engine: str = field(
+        default="loop",
+        metadata=_meta("how a round's clients train in process: loop (one after another, on the workers), "
+                       "vectorised (a cohort at once, stacked weights: fedvb.core.cohort)", choices=ENGINES),
+    )  # fmt: skip
+    cohort_chunk: int = field(
+        default=0,
+        metadata=_meta("engine = vectorised: clients trained together at most (memory); 0: the cohort", min=0),
+    )
     device: str = field(default="cpu", metadata=_meta("cpu, cuda or auto (cuda when available)"))
     client_cpus: float = field(default=1.0, metadata=_meta("ray: CPUs per client", gt=0))
     client_gpus: float = field(default=0.0, metadata=_meta("ray: GPUs per client (fractions share a GPU)", ge=0))
@@ -264,6 +274,7 @@ class RunConfig:
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError("device", f"got {self.device!r}; allowed: cpu, cuda, cuda:N, auto")
         self._validate_algorithm()
+        self._validate_engine()
         participants = max(1, int(round(self.fraction_train * self.num_clients)))
         if self.min_replies > participants:
             raise ConfigError(
@@ -298,6 +309,18 @@ class RunConfig:
         problem = solver.supports(family)
         if problem is not None:
             raise ConfigError("solver", f"{solver.name} cannot serve the {family.name} family ({problem})")
+
+    def _validate_engine(self) -> None:
+        """The vectorised engine trains a cohort together in the server's process: no per-client deadline, no
+        Ray (each actor runs its clients one by one there)."""
+        if self.engine != "vectorised":
+            return
+        if self.backend != "inprocess":
+            raise ConfigError("engine", f"vectorised trains a cohort in process; with backend {self.backend!r} "
+                                        "allowed: 'loop'")  # fmt: skip
+        if self.client_timeout_s > 0:
+            raise ConfigError("engine", "vectorised trains a cohort in one step, so no client has a deadline of its "
+                                        "own; allowed with client_timeout_s > 0: 'loop'")  # fmt: skip
 
     def _validate_faults(self) -> None:
         from fedvb.faults import parse_attack, parse_faults

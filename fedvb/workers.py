@@ -106,9 +106,15 @@ def execute(client_app: ClientApp, message: Message, context: Context) -> Messag
     try:
         return client_app(message, context)
     except Exception as error:  # a failing client must not take the server down
-        log.warning("client on node %s raised: %s", message.metadata.dst_node_id, error)
-        reason = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        return error_reply(message, error)
+
+
+def error_reply(message: Message, error: BaseException) -> Message:
+    """The error reply of a client that raised ``error`` answering ``message`` (as Flower's engines make one)."""
+    log.warning("client on node %s raised: %s", message.metadata.dst_node_id, error)
+    trace = "".join(traceback.format_exception(error))
+    reason = f"{type(error).__name__}: {error}\n{trace}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedvb.clients.api import partition_of, partition_reply, reply_to
+from fedvb.core.trainers import TorchTrainer
 from fedvb.experiment import make_algorithm, make_trainer
 from fedvb.faults import attack_reply, before_training, choose_fault, corrupt_reply
 from fedvb.records import CONFIG_KEY, config_from_json
 
-__all__ = ["app", "make_client_app"]
+__all__ = ["answer_train", "app", "make_client_app", "trainer_for"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -37,6 +38,36 @@ def _algorithm(key: str):
 @functools.lru_cache(maxsize=16)
 def _trainer(key: str, partition_id: int):
     return make_trainer(config_from_json(key), partition_id)
+
+
+def trainer_for(message: Message, context: Context) -> TorchTrainer:
+    """The trainer of the client a TRAIN message is for (its data under the run's configuration)."""
+    return _trainer(str(message.content["config"][CONFIG_KEY]), partition_of(context))
+
+
+def answer_train(message: Message, context: Context, *, trainer: TorchTrainer | None = None) -> Message:
+    """This client's reply to a TRAIN message: faults and attacks where the run asks for them, the algorithm's
+    client step on ``trainer`` (default: :func:`trainer_for`; the cohort engine passes a member of its cohort,
+    :mod:`fedvb.clients.cohort`)."""
+    key = str(message.content["config"][CONFIG_KEY])
+    config = config_from_json(key)
+    partition_id = partition_of(context)
+    server_round, attempt = int(message.content["config"]["server-round"]), int(message.content["config"]["attempt"])
+    fault = choose_fault(
+        config.faults, seed=config.seed, server_round=server_round, attempt=attempt, partition_id=partition_id
+    )
+    before_training(fault, config.client_timeout_s)
+    algorithm = _algorithm(key)
+
+    def tamper(reply, payload, state):
+        def consistent(crafted):
+            return algorithm.consistent_reply(payload, state, crafted)
+
+        return attack_reply(config.attack, corrupt_reply(fault, reply), payload, server_round=server_round,
+                            partition_id=partition_id, consistent=consistent)  # fmt: skip
+
+    trainer = trainer if trainer is not None else _trainer(key, partition_id)
+    return reply_to(message, config, algorithm, trainer, partition_id, tamper=tamper)
 
 
 def make_client_app(*, torch_threads: int | None = None) -> ClientApp:
@@ -56,24 +87,7 @@ def make_client_app(*, torch_threads: int | None = None) -> ClientApp:
             import torch
 
             torch.set_num_threads(torch_threads)  # one thread per client process: two are several times slower
-        key = str(msg.content["config"][CONFIG_KEY])
-        config = config_from_json(key)
-        partition_id = partition_of(context)
-        server_round, attempt = int(msg.content["config"]["server-round"]), int(msg.content["config"]["attempt"])
-        fault = choose_fault(
-            config.faults, seed=config.seed, server_round=server_round, attempt=attempt, partition_id=partition_id
-        )
-        before_training(fault, config.client_timeout_s)
-        algorithm, trainer = _algorithm(key), _trainer(key, partition_id)
-
-        def tamper(reply, payload, state):
-            def consistent(crafted):
-                return algorithm.consistent_reply(payload, state, crafted)
-
-            return attack_reply(config.attack, corrupt_reply(fault, reply), payload, server_round=server_round,
-                                partition_id=partition_id, consistent=consistent)  # fmt: skip
-
-        return reply_to(msg, config, algorithm, trainer, partition_id, tamper=tamper)
+        return answer_train(msg, context)
 
     return app
 

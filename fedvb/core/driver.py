@@ -6,6 +6,7 @@ against it and benchmarks use it as the floor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
 from fedvb.core.client_store import MemoryStore
+from fedvb.core.cohort import CohortEngine
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import Gaussian, NaturalParams
 from fedvb.core.trainers import TorchTrainer
@@ -105,6 +107,10 @@ def run_plain_loop(
     return result
 
 
+def _client_step(algorithm: Algorithm, payload: dict, state: dict, generator: torch.Generator, trainer) -> tuple:
+    return algorithm.client_round(payload, state, trainer, generator=generator)
+
+
 def run_algorithm(
     algorithm: Algorithm,
     trainers: Sequence,
@@ -116,13 +122,15 @@ def run_algorithm(
     seed: int = 0,
     on_round: Callable[[int, ServerState], None] | None = None,
     lr_for: Callable[[int], float] | None = None,
+    engine: str = "loop",
 ) -> ServerState:
     """Any :class:`~fedvb.core.algorithms.Algorithm` over in-memory trainers, one client after another.
     ``lr_for(round)``: each round's local learning rate (a schedule), given to each trainer's ``begin_round``.
 
     ``generator_for(round, client)`` gives each client's random stream; the
     Flower backends draw participants and streams the same way, so they
-    reproduce this loop's numbers.  A reply the algorithm rejects
+    reproduce this loop's numbers. ``engine = "vectorised"``: each round's clients train together
+    (:class:`~fedvb.core.cohort.CohortEngine`; the same numbers to float tolerance). A reply the algorithm rejects
     (:meth:`~fedvb.core.algorithms.Algorithm.check_reply`) is dropped and
     that client keeps its previous state, as on the Flower backends.
     """
@@ -131,12 +139,21 @@ def run_algorithm(
     for server_round in range(1, rounds + 1):
         payload = algorithm.payload(server)
         replies, states = {}, {}
-        for k in sample_participants(len(trainers), fraction, seed=seed, server_round=server_round):
+        chosen = sample_participants(len(trainers), fraction, seed=seed, server_round=server_round)
+        for k in chosen:
             if lr_for is not None:
                 trainers[k].begin_round(lr_for(server_round))
-            reply, state = algorithm.client_round(
-                payload, store.get(k), trainers[k], generator=generator_for(server_round, k)
-            )
+
+        steps = [functools.partial(_client_step, algorithm, payload, store.get(k), generator_for(server_round, k))
+                 for k in chosen]  # fmt: skip
+        if engine == "vectorised":
+            outcomes = CohortEngine().run(steps, [trainers[k] for k in chosen])
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        else:
+            outcomes = [step(trainers[k]) for step, k in zip(steps, chosen)]
+        for k, (reply, state) in zip(chosen, outcomes):
             try:
                 algorithm.check_reply(server, reply, k)
             except RejectedReply:
