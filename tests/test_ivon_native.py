@@ -92,3 +92,33 @@ def test_bad_buffers_are_refused_not_read_out_of_bounds():
         KERNELS.sample_(torch.zeros(10), torch.zeros(10), torch.zeros(9), torch.ones(10), 1)
     with pytest.raises(ValueError, match="float32"):
         KERNELS.sample_(torch.zeros(10, dtype=torch.float64), torch.zeros(10), torch.zeros(10), torch.ones(10), 1)
+
+
+def test_the_row_kernels_give_each_row_what_it_gets_alone():
+    """The cohort engine's one call per step (fedvb.core.cohort): each row drawn with its own key and updated with
+    its own lam and bias correction, bit for bit as the per-row calls."""
+    rows, n = 3, 1001
+    g = torch.Generator().manual_seed(5)
+
+    def buffers():
+        return [torch.randn(rows, n, generator=g) for _ in range(10)]
+
+    mean, hess, momentum, grad, noise, sqrt_precision, s0, s0m0, dual_v, dual_big_v = buffers()
+    sqrt_precision, s0, hess = sqrt_precision.abs() + 1, s0.abs() + 1, hess.abs()
+    lam, bias, keys = [3.0, 50.0, 0.7], [30.0, 400.0, 2.0], [11, 2**40, 2**63 - 5]
+    alone = [t.clone() for t in (mean, hess, momentum, sqrt_precision)]
+    saved_alone, noise_alone = torch.empty(rows, n), torch.empty(rows, n)
+    for r in range(rows):
+        KERNELS.sample_(alone[0][r], saved_alone[r], noise_alone[r], alone[3][r], keys[r])
+        KERNELS.update_(alone[0][r], alone[1][r], alone[2][r], grad[r], noise_alone[r], alone[3][r], s0[r], s0m0[r],
+                        dual_v[r], dual_big_v[r], raw_noise=True, beta1=0.9, beta2=0.999, lam=lam[r], c=bias[r],
+                        lr=0.1, clip=float("inf"))  # fmt: skip
+    together = [t.clone() for t in (mean, hess, momentum, sqrt_precision)]
+    saved, drawn = torch.empty(rows, n), torch.empty(rows, n)
+    KERNELS.sample_rows_(together[0], saved, drawn, together[3], keys)
+    assert torch.equal(drawn, noise_alone) and torch.equal(saved, mean)
+    KERNELS.update_rows_(together[0], together[1], together[2], grad, drawn, together[3], s0, s0m0, dual_v, dual_big_v,
+                         raw_noise=True, beta1=0.9, beta2=0.999, lam=torch.tensor(lam), c=torch.tensor(bias), lr=0.1,
+                         clip=float("inf"))  # fmt: skip
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

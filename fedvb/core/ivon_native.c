@@ -148,3 +148,24 @@ void ivon_update(float *mean, float *hess, float *momentum, const float *grad, c
     else if (plain && !s0_full) update_body(UPDATE_ARGS, 0, 0, 0, 0, 0);
     else update_body(UPDATE_ARGS, raw_noise, s0_full, s0m0 != 0, dual_v != 0, dual_big_v != 0);
 }
+
+/* The same two loops over `rows` consecutive rows of n elements (a cohort of clients, fedvb.core.cohort): row r
+   is exactly ivon_sample / ivon_update of its own n elements with its own key, lam and c, so each client gets
+   the numbers it would get alone; one call instead of one per client. s0 holds n values per row. */
+void ivon_sample_rows(float *param, float *saved, float *noise, const float *sqrt_precision, int64_t rows,
+                      int64_t n, const uint64_t *keys) {
+    for (int64_t r = 0; r < rows; r++)
+        ivon_sample(param + r * n, saved + r * n, noise + r * n, sqrt_precision + r * n, n, keys[r]);
+}
+
+void ivon_update_rows(float *mean, float *hess, float *momentum, const float *grad, const float *grad_noise,
+                      float *sqrt_precision, const float *s0, const float *s0m0, const float *dual_v,
+                      const float *dual_big_v, int64_t rows, int64_t n, float beta1, float beta2, const float *lam,
+                      const float *c, float lr, float clip, int raw_noise) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t o = r * n;
+        ivon_update(mean + o, hess + o, momentum + o, grad + o, grad_noise + o, sqrt_precision + o, s0 + o,
+                    s0m0 ? s0m0 + o : 0, dual_v ? dual_v + o : 0, dual_big_v ? dual_big_v + o : 0, n, beta1, beta2,
+                    lam[r], c[r], lr, clip, raw_noise, 1);
+    }
+}

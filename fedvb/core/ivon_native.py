@@ -49,6 +49,15 @@ class NativeKernels:
         self._update = library.ivon_update
         self._update.restype = None
         self._update.argtypes = [_float_p] * 10 + [ctypes.c_int64] + [ctypes.c_float] * 6 + [ctypes.c_int] * 2
+        self._sample_rows = library.ivon_sample_rows
+        self._sample_rows.restype = None
+        self._sample_rows.argtypes = [_float_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.POINTER(ctypes.c_uint64)]
+        self._update_rows = library.ivon_update_rows
+        self._update_rows.restype = None
+        self._update_rows.argtypes = (
+            [_float_p] * 10 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2 + [_float_p] * 2 + [ctypes.c_float] * 2
+            + [ctypes.c_int]
+        )  # fmt: skip
 
     @staticmethod
     def supports(*tensors: Tensor | None) -> bool:
@@ -79,6 +88,27 @@ class NativeKernels:
         self._check(n if s0_full else 1, (s0.reshape(-1),))
         pointers = map(_pointer, (mean, hess, momentum, grad, grad_noise, sqrt_precision, s0, s0m0, dual_v, dual_big_v))
         self._update(*pointers, n, beta1, beta2, lam, c, lr, clip, int(raw_noise), int(s0_full))
+
+    def sample_rows_(
+        self, param: Tensor, saved: Tensor, noise: Tensor, sqrt_precision: Tensor, keys: list[int]
+    ) -> None:
+        """:meth:`sample_` on each row of ``(rows, n)`` tensors with its own key (a cohort, one client a row)."""
+        rows, n = param.shape
+        self._check(rows * n, (param, saved, noise, sqrt_precision))
+        keys_array = (ctypes.c_uint64 * rows)(*keys)
+        self._sample_rows(_pointer(param), _pointer(saved), _pointer(noise), _pointer(sqrt_precision), rows, n,
+                          keys_array)  # fmt: skip
+
+    def update_rows_(self, mean, hess, momentum, grad, grad_noise, sqrt_precision, s0, s0m0, dual_v, dual_big_v, *,
+                     raw_noise, beta1, beta2, lam: Tensor, c: Tensor, lr, clip) -> None:  # fmt: skip
+        """:meth:`update_` on each row of ``(rows, n)`` tensors with that row's ``lam`` and ``c`` (float32
+        ``(rows,)``); ``s0`` full length per row."""
+        rows, n = mean.shape
+        tensors = (mean, hess, momentum, grad, grad_noise, sqrt_precision, s0, s0m0, dual_v, dual_big_v)
+        self._check(rows * n, tensors)
+        self._check(rows, (lam, c))
+        pointers = map(_pointer, tensors)
+        self._update_rows(*pointers, rows, n, beta1, beta2, _pointer(lam), _pointer(c), lr, clip, int(raw_noise))
 
 
 def cpu_signature() -> str:
