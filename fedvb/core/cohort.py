@@ -328,14 +328,14 @@ def _map_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list[
 
 
 def _penalties(requests: list[_Request], stack: _Stack) -> tuple[Tensor | None, Tensor | None]:
-    """The penalties' ``b`` and ``A`` stacked ``(C, P)`` (a number of an isotropic one broadcast), or ``None``
-    without penalties (a mix with and without does not arise: one algorithm per round)."""
+    """The penalties' ``b`` stacked ``(C, P)`` and ``A`` stacked ``(C, P)`` (diagonal) or ``(C, 1)`` (isotropic:
+    one number a client, broadcast), or ``None`` without penalties (a mix with and without does not arise: one
+    algorithm per round)."""
     penalties: list[NaturalParams | None] = [r.kwargs["penalty"] for r in requests]
     if all(p is None for p in penalties):
         return None, None
-    dim = sum(stack.sizes)
     linear = torch.stack([p.linear.to(stack.device, stack.dtype) for p in penalties])
-    quadratic = torch.stack([p.quadratic.to(stack.device, stack.dtype).expand(dim) for p in penalties])
+    quadratic = torch.stack([p.quadratic.to(stack.device, stack.dtype).reshape(-1) for p in penalties])
     return linear, quadratic
 
 
