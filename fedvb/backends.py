@@ -7,6 +7,7 @@ the same numbers for the same seed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -27,6 +28,14 @@ from fedvb.workers import WorkerPool, available_cores, execute, shared_pool
 __all__ = ["InProcessGrid", "act_as_server", "client_workers", "run", "worker_count"]
 
 log = logging.getLogger(__name__)
+
+
+class CohortRunner(Protocol):
+    """Answers a round's messages together (``engine = "vectorised"``): the replies in the messages' order, each
+    node's context in ``contexts`` updated (in process: :func:`fedvb.clients.cohort.cohort_replies`; on Ray:
+    :class:`fedvb.ray_cohort.RayCohorts`)."""
+
+    def __call__(self, messages: Iterable[Message], contexts: dict[int, Context]) -> Iterator[Message]: ...
 
 
 @runtime_checkable
@@ -61,11 +70,11 @@ class InProcessGrid(Grid):
         seed: int = 0,
         run_id: int = 1,
         pool: WorkerPool | None = None,
-        cohort_chunk: int | None = None,
+        cohort: CohortRunner | None = None,
     ) -> None:
         self.client_app = client_app
         self.pool = pool
-        self.cohort_chunk = cohort_chunk  # None: client by client; else the cohort engine, this many at a time (0: all)
+        self.cohort = cohort  # engine = vectorised: what answers a round's messages together (None: one by one)
         ids = np.random.default_rng(seed).choice(2**62, size=num_nodes, replace=False) + 1
         self.contexts = {
             int(node_id): Context(
@@ -129,11 +138,8 @@ class InProcessGrid(Grid):
         total = len(messages)
         if isinstance(messages, DrainableMessages):  # build each message as it is sent, keep none
             messages = messages.drain()
-        if self.cohort_chunk is not None:  # the cohort engine: a chunk's messages are held while it trains together
-            from fedvb.clients.cohort import cohort_replies
-
-            replies = cohort_replies(self.client_app, self._stamped(messages), self.contexts, chunk=self.cohort_chunk)
-            for done, reply in enumerate(replies, 1):
+        if self.cohort is not None:  # the cohort engine: a chunk's messages are held while it trains together
+            for done, reply in enumerate(self.cohort(self._stamped(messages), self.contexts), 1):
                 yield reply
                 self._report_progress(done, total)
             return
@@ -216,6 +222,21 @@ def client_workers(config: RunConfig) -> Iterator[WorkerPool | None]:
         shared.close()
 
 
+@contextlib.contextmanager
+def _cohorts(config: RunConfig) -> Iterator[CohortRunner]:
+    """What trains a vectorised run's cohorts: the engine in this process, or chunks on Ray actors."""
+    if config.backend == "ray":
+        from fedvb.ray_cohort import ray_cohorts
+
+        with ray_cohorts(config) as cohorts:
+            yield cohorts.replies
+        return
+    from fedvb.clients.app import make_client_app
+    from fedvb.clients.cohort import cohort_replies
+
+    yield functools.partial(cohort_replies, make_client_app(), chunk=config.cohort_chunk)
+
+
 def act_as_server(grid: InProcessGrid) -> None:
     """Flower stamps new messages with the identity of the task the process runs, which its own runtimes
     set; with an :class:`InProcessGrid` we are that runtime (as flwr.server.compat does)."""
@@ -231,10 +252,16 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, rep
     from fedvb.clients.app import make_client_app
     from fedvb.servers.app import make_server_app, run_server
 
+    if config.engine == "vectorised":  # the server's own loop; the cohort trains in process or on Ray actors
+        with _cohorts(config) as cohort:
+            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, cohort=cohort)
+            grid.on_progress = report
+            act_as_server(grid)
+            run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
+        return
     if config.backend == "inprocess":
         with client_workers(config) as pool:
-            chunk = config.cohort_chunk if config.engine == "vectorised" else None
-            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool, cohort_chunk=chunk)
+            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool)
             grid.on_progress = report
             act_as_server(grid)
             run_server(grid, config, resume=resume, overwrite=overwrite, report=report)

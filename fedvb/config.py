@@ -147,8 +147,9 @@ class RunConfig:
     )  # fmt: skip
     engine: str = field(
         default="loop",
-        metadata=_meta("how a round's clients train in process: loop (one after another, on the workers), "
-                       "vectorised (a cohort at once, stacked weights: fedvb.core.cohort)", choices=ENGINES),
+        metadata=_meta("how a round's clients train: loop (one after another, on the workers or Ray actors), "
+                       "vectorised (a cohort at once, stacked weights: fedvb.core.cohort; on Ray a chunk per "
+                       "actor)", choices=ENGINES),
     )  # fmt: skip
     cohort_chunk: int = field(
         default=0,
@@ -311,13 +312,10 @@ class RunConfig:
             raise ConfigError("solver", f"{solver.name} cannot serve the {family.name} family ({problem})")
 
     def _validate_engine(self) -> None:
-        """The vectorised engine trains a cohort together in the server's process: no per-client deadline, no
-        Ray (each actor runs its clients one by one there)."""
+        """The vectorised engine trains a cohort (a chunk of it on each Ray actor) in one step: no per-client
+        deadline."""
         if self.engine != "vectorised":
             return
-        if self.backend != "inprocess":
-            raise ConfigError("engine", f"vectorised trains a cohort in process; with backend {self.backend!r} "
-                                        "allowed: 'loop'")  # fmt: skip
         if self.client_timeout_s > 0:
             raise ConfigError("engine", "vectorised trains a cohort in one step, so no client has a deadline of its "
                                         "own; allowed with client_timeout_s > 0: 'loop'")  # fmt: skip

@@ -157,7 +157,6 @@ BAD_INPUTS = [
         "which need not keep a kronecker one positive definite; allowed with a kronecker family: 'mean'",
     ),
     (["--strategy", "fedlap-kfac", "--set", "solver=ivon"], "solver: fedlap-kfac allows the solvers exact, laplace"),
-    (["--set", "engine=vectorised", "--set", "backend=ray"], "engine: vectorised trains a cohort in process"),
     (["--set", "engine=vectorised", "--set", "client_timeout_s=2"], "engine: vectorised trains a cohort in one step"),
     (["--set", "engine=batched"], "engine: got 'batched'; allowed: 'loop', 'vectorised'"),
     (["--set", "cohort_chunk=-1"], "cohort_chunk: must be >= 0, got -1"),

@@ -185,3 +185,34 @@ def test_an_actor_takes_the_runs_data_from_the_object_store_without_preparing_it
         ray.shutdown()
     assert misses == 0 and not writeable  # served from the store, as a read-only view
     assert total == float(prepare(config).dataset.x_train.astype("float64").sum())
+
+
+def test_the_vectorised_engine_on_ray_trains_chunks_on_actors_and_gives_the_in_process_numbers(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """engine = vectorised with backend = ray (fedvb.ray_cohort): the cohort split over the cluster's actors (two
+    on this two-CPU head), each chunk trained together; the numbers of the vectorised engine in process, whose
+    chunk is the whole cohort."""
+    from fedvb import ray_cohort
+
+    sent = []
+    original = ray_cohort.RayCohorts.replies
+
+    def counted(self, messages, contexts):  # what went to the actors: how many actors, how many messages
+        messages = list(messages)
+        sent.append((len(self.actors), len(messages)))
+        return original(self, messages, contexts)
+
+    monkeypatch.setattr(ray_cohort.RayCohorts, "replies", counted)
+    values = dict(strategy="ivon-admm", dataset="digits", model="mlp", hidden="32", num_clients=6, rounds=2,
+                  engine="vectorised", eval_samples=0, lr=0.002, local_epochs=2)  # fmt: skip
+    on_ray = RunConfig.from_mapping(
+        {**values, "backend": "ray", "ray_address": ray_cluster, "out": str(tmp_path / "r")}
+    )
+    run(on_ray)
+    assert sent and all(actors == 2 for actors, _ in sent) and (2, 6) in sent  # rounds of 6 messages, 2 actors
+    run(on_ray.replace(backend="inprocess", ray_address="", out=str(tmp_path / "i")))
+    with np.load(completed(tmp_path / "r") / "posterior.npz") as a, np.load(tmp_path / "i" / "posterior.npz") as b:
+        for key in a.files:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert metric_rows(tmp_path / "r")[-1]["accuracy"] == pytest.approx(metric_rows(tmp_path / "i")[-1]["accuracy"])
