@@ -191,8 +191,6 @@ class InProcessGrid(Grid):
 def worker_count(config: RunConfig) -> int:
     """How many worker processes an in-process run uses: ``workers`` (0: one per core this process may run
     on; one on a GPU, which the clients would share), never more than the clients of a round."""
-    if config.engine == "vectorised":
-        return 1  # the cohort trains together in the server's process
     wanted = config.workers or (1 if config.device != "cpu" else available_cores())
     return max(1, min(wanted, math.ceil(config.fraction_train * config.num_clients)))
 
