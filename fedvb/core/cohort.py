@@ -281,6 +281,8 @@ class _Stack:
         self.frozen = {name: p.detach() for name, p in self.model.named_parameters() if not p.requires_grad}
         self.buffers = dict(self.model.named_buffers())
         self.data = [(t.x, t.y) for t in trainers]
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
         self.gradient = vmap(grad(self._loss))
 
     def _loss(self, flat: Tensor, x: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
@@ -296,9 +298,14 @@ class _Stack:
     def grads(self, weights: Tensor, rows: list[Tensor], mask: Tensor, counts: Tensor) -> Tensor:
         """Each client's gradient of its batch's mean loss, ``(C, P)`` (``rows``: each client's batch)."""
         self.model.train()
-        x = torch.stack([data[0][r] for data, r in zip(self.data, rows)])
-        y = torch.stack([data[1][r] for data, r in zip(self.data, rows)])
-        return self.gradient(weights, x, y, mask, counts)
+        if self._x is None or self._x.shape[1] != len(rows[0]):  # the cohort's batch, reused from step to step
+            first_x, first_y = self.data[0]
+            self._x = first_x.new_empty((len(rows), len(rows[0]), *first_x.shape[1:]))
+            self._y = first_y.new_empty((len(rows), len(rows[0]), *first_y.shape[1:]))
+        for c, ((x, y), r) in enumerate(zip(self.data, rows)):  # into the batch buffer: no stacked copy
+            torch.index_select(x, 0, r, out=self._x[c])
+            torch.index_select(y, 0, r, out=self._y[c])
+        return self.gradient(weights, self._x, self._y, mask, counts)
 
 
 def _map_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list[Tensor]:
