@@ -154,6 +154,8 @@ class CohortEngine:
     def run(self, tasks: Sequence[Callable[[CohortMember], Any]], trainers: Sequence[TorchTrainer]) -> list[Any]:
         """``tasks[c](member_c)`` for every client, each in its own thread, with its training done by the
         engine; returns each task's result, or the exception it raised, in order."""
+        if not tasks:
+            return []
         results: list[Any] = [None] * len(tasks)
         self._pending, self._finished, self._count = {}, set(), len(tasks)
         self._everyone_waits.clear()
