@@ -221,18 +221,23 @@ def client_workers(config: RunConfig) -> Iterator[WorkerPool | None]:
 
 
 @contextlib.contextmanager
-def _cohorts(config: RunConfig) -> Iterator[CohortRunner]:
-    """What trains a vectorised run's cohorts: the engine in this process, or chunks on Ray actors."""
+def _clients(config: RunConfig) -> Iterator[tuple[WorkerPool | None, CohortRunner | None]]:
+    """What runs the clients of a run on fedvb's own Grid: the worker pool (``engine = "loop"``, in process), or
+    what trains the cohorts (``engine = "vectorised"``: the engine in this process, or chunks on Ray actors)."""
+    if config.engine != "vectorised":
+        with client_workers(config) as pool:
+            yield pool, None
+        return
     if config.backend == "ray":
         from fedvb.ray_cohort import ray_cohorts
 
         with ray_cohorts(config) as cohorts:
-            yield cohorts.replies
+            yield None, cohorts.replies
         return
     from fedvb.clients.app import make_client_app
     from fedvb.clients.cohort import cohort_replies
 
-    yield functools.partial(cohort_replies, make_client_app(), chunk=config.cohort_chunk)
+    yield None, functools.partial(cohort_replies, make_client_app(), chunk=config.cohort_chunk)
 
 
 def act_as_server(grid: InProcessGrid) -> None:
@@ -250,32 +255,20 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, rep
     from fedvb.clients.app import make_client_app
     from fedvb.servers.app import make_server_app, run_server
 
-    if config.engine == "vectorised":  # the server's own loop; the cohort trains in process or on Ray actors
-        with _cohorts(config) as cohort:
-            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, cohort=cohort)
-            grid.on_progress = report
-            act_as_server(grid)
-            run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
-        return
-    if config.backend == "inprocess":
-        with client_workers(config) as pool:
-            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool)
+    if config.engine == "vectorised" or config.backend == "inprocess":  # the server's own round loop
+        with _clients(config) as (pool, cohort):
+            grid = InProcessGrid(make_client_app(), config.num_clients, seed=config.seed, pool=pool, cohort=cohort)
             grid.on_progress = report
             act_as_server(grid)
             run_server(grid, config, resume=resume, overwrite=overwrite, report=report)
         return
     from flwr.simulation import run_simulation
 
-    from fedvb.ray_backend import installed
+    from fedvb.ray_backend import init_args, installed
 
-    # Without ray_address, a private Ray of our own: "local" starts one even where another cluster runs on this
-    # machine or RAY_ADDRESS names one (a bare ray.init() would attach to it, and to the code its workers hold).
-    init_args = (
-        {"address": config.ray_address} if config.ray_address else {"address": "local", "include_dashboard": False}
-    )
     backend_config = {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
-        "init_args": init_args,
+        "init_args": init_args(config),
     }
     # fedvb's Ray backend heals dead actors and limits each client from its start (fedvb.ray_backend), so
     # the server sets no deadline of its own on a round.

@@ -37,7 +37,7 @@ from flwr.server.superlink.fleet.vce.backend import raybackend
 from fedvb.config import RunConfig
 from fedvb.records import config_to_json
 
-__all__ = ["ClientTimeout", "HealingRayBackend", "installed"]
+__all__ = ["ClientTimeout", "HealingRayBackend", "init_args", "installed"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ def warm_up(config_json: str, data: ray.ObjectRef | None = None) -> None:
     if data is not None:
         adopt_parts(ray.get(data))
     prepare(config_from_json(config_json))
+
+
+def init_args(config: RunConfig) -> dict[str, Any]:
+    """``ray.init``'s arguments for a run: the cluster ``ray_address`` names, else a private Ray of our own
+    (``"local"`` starts one even where another cluster runs on this machine or ``RAY_ADDRESS`` names one; a bare
+    ``ray.init()`` would attach to it, and to the code its workers hold)."""
+    return {"address": config.ray_address} if config.ray_address else {"address": "local", "include_dashboard": False}
 
 
 class HealingRayBackend(raybackend.RayBackend):

@@ -22,7 +22,7 @@ import ray
 from flwr.app import Context, Message
 
 from fedvb.config import RunConfig
-from fedvb.ray_backend import ACTOR_START_S, warm_up
+from fedvb.ray_backend import ACTOR_START_S, init_args, warm_up
 from fedvb.records import config_to_json
 from fedvb.workers import message_frames, message_from_frames
 
@@ -85,11 +85,7 @@ def ray_cohorts(config: RunConfig) -> Iterator[RayCohorts]:
 
     own = not ray.is_initialized()
     if own:
-        # as the ray backend: a private Ray of our own unless an address names a cluster (fedvb.backends.run)
-        init = (
-            {"address": config.ray_address} if config.ray_address else {"address": "local", "include_dashboard": False}
-        )
-        ray.init(**init, logging_level="WARNING")
+        ray.init(**init_args(config), logging_level="WARNING")
     try:
         resources = ray.cluster_resources()
         if config.client_gpus > 0:

@@ -67,7 +67,7 @@ def softmax_rows(rounds: int) -> list[dict]:
     return rows
 
 
-def centralised_mlp(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+def centralised_mlp(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The MAP of the pooled clients' data under N(0, 1/delta) (L-BFGS, float64) and the exact GGN there."""
     prepared = prepare(config)
     rows = np.concatenate(prepared.parts)  # every client's training rows
@@ -107,7 +107,7 @@ def centralised_mlp(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, torc
     mean_part = torch.einsum("nc,ncp->np", probs.sqrt(), weighted)  # sum_c p_c J_c per example
     ggn = torch.einsum("ncp,ncq->pq", weighted, weighted) - mean_part.T @ mean_part  # J^T (diag p - p p^T) J
     precision = ggn + config.prior_precision * torch.eye(mode.numel(), dtype=F64)
-    return mode, precision, model
+    return mode, precision
 
 
 def float64_trainer(config: RunConfig, client: int) -> TorchTrainer:
@@ -131,7 +131,7 @@ def mlp_rows() -> list[dict]:
     configs = {
         strategy: RunConfig.from_mapping({**MLP, "strategy": strategy}) for strategy in ("fedlap-cov", "fedlap-kfac")
     }
-    mode, exact, _ = centralised_mlp(configs["fedlap-cov"])
+    mode, exact = centralised_mlp(configs["fedlap-cov"])
     dim, problem = mode.numel(), "digits MLP 64-16-10, K=10, P=1210"
     rows = []
     for config in configs.values():

@@ -45,7 +45,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fedvb.core import ivon_native
 from fedvb.core.gaussian import DIAGONAL, Gaussian, NaturalParams
+from fedvb.core.ivon import ivon_update_
 from fedvb.core.trainers import TorchTrainer, make_optimizer
 
 __all__ = ["CohortEngine", "CohortMember", "vectorisable"]
@@ -350,8 +352,6 @@ def _penalties(requests: list[_Request], stack: _Stack) -> tuple[Tensor | None, 
 
 def _ivon_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list[tuple[Gaussian, Arrays]]:
     """:meth:`TorchTrainer.ivon` for every client at once (docs/algorithms.md §4)."""
-    from fedvb.core import ivon_native
-
     stack, first = _Stack(trainers), requests[0].kwargs
     settings = trainers[0].settings
     rho, temperature = first["rho"], first["temperature"]
@@ -425,8 +425,6 @@ def _ivon_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list
                                  lr=trainers[0].lr, clip=math.inf)  # fmt: skip
         for c in range(count):
             if not native:
-                from fedvb.core.ivon import ivon_update_
-
                 scalars = dict(beta1=beta1, beta2=beta2, lam=lam[c], c=bias[c], lr=trainers[c].lr, clip=math.inf)
                 row_gz = gz[c].clone() if samples > 1 else gz[c] * g[c]  # the torch kernels take g * z
                 ivon_update_(mean[c], hess[c], momentum[c], g[c], row_gz, sqrt_precision[c], prior_precision[c],
