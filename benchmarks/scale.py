@@ -114,7 +114,7 @@ def _peak_rss() -> str:
 
 def _workload(strategy: str, **changes) -> RunConfig:
     values = dict(strategy=strategy, dataset="fashion-mnist", num_clients=10, data_fraction=0.1, partition="iid",
-                  local_test_fraction=0.0, local_epochs=2, eval_samples=0, seed=0)  # fmt: skip
+                  local_test_fraction=0.0, local_epochs=2, batch_size=32, eval_samples=0, seed=0)  # fmt: skip
     return RunConfig.from_mapping({**values, **changes})
 
 

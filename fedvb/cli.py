@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedvb.config import ConfigError, RunConfig, describe_algorithms, describe_fields
+from fedvb.config import ConfigError, RunConfig, describe_algorithms, describe_defaults, describe_fields
 from fedvb.progress import MODES, RunDisplay, SweepDisplay
 
 __all__ = ["main"]
@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="strategies (fedvb.core.registry):\n"
         + describe_algorithms()
         + "\n\nconfiguration keys (TOML or --set), default, meaning:\n"
-        + describe_fields(),
+        + describe_fields()
+        + "\n\neach strategy's defaults of the keys marked (per strategy) (fedvb.core.registry.DEFAULTS):\n"
+        + describe_defaults(),
     )
     run.add_argument("config", nargs="?", help="a TOML file of configuration keys")
     run.add_argument(

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedvb.config import applies
+from fedvb.config import applies, at_strategy_default
 from fedvb.plots import plot_comparison
 
 __all__ = ["COLUMNS", "Run", "compare_runs", "load_run"]
@@ -84,14 +84,16 @@ def _from_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _labels(groups: dict[tuple, list[Run]]) -> list[str]:
-    """Each setting's name: its strategy, then the keys that differ between settings and apply to it."""
+    """Each setting's name: its strategy, then the keys that differ between settings, apply to it and are not
+    its strategy's own default."""
     settings = [dict(key) for key in groups]
     differing = sorted(
         k for k in set().union(*settings) if k != "strategy" and any(s.get(k) != settings[0].get(k) for s in settings)
     )
     labels = []
     for setting in settings:
-        keys = [f"{k}={setting.get(k)}" for k in differing if applies(k, setting)]
+        named = [k for k in differing if applies(k, setting) and not at_strategy_default(k, setting)]
+        keys = [f"{k}={setting.get(k)}" for k in named]
         name = str(setting.get("strategy", "run"))
         labels.append(f"{name} ({', '.join(keys)})" if keys else name)
     return labels

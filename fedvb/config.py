@@ -9,21 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fedvb.core import client_solvers, gaussian
-from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM
+from fedvb.core.algorithms import ROUND_ONE_ANCHORS
+from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM, COMMON_DEFAULTS, DEFAULTS, default_value
 from fedvb.core.robust import COMBINATIONS
 from fedvb.core.trainers import CURVATURES, LR_SCHEDULES
 
-__all__ = ["STRATEGIES", "ConfigError", "RunConfig", "algorithm_rows", "describe_algorithms", "describe_fields"]
+__all__ = [
+    "STRATEGIES",
+    "ConfigError",
+    "RunConfig",
+    "algorithm_rows",
+    "describe_algorithms",
+    "describe_defaults",
+    "describe_fields",
+]
 
 STRATEGIES = tuple(ALGORITHMS)  # the registry's order (fedvb.core.registry)
 BACKENDS = ("inprocess", "ray")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("", "adam", "sgd")  # "": the strategy's default
 SOLVERS = ("", *client_solvers.SOLVERS)  # "": the strategy's own
 FAMILIES = ("", *gaussian.FAMILIES)
 IVON_KERNELS = ("auto", "torch", "native")
@@ -33,6 +43,10 @@ EVAL_CLIENTS_AUTO = 100  # eval_clients = -1: past this many clients a sample, s
 # the client solver of each BayesADMM preset when the solver key is left empty
 DEFAULT_SOLVER = {name: ALGORITHMS[name].solver.name for name in BAYES_ADMM}
 PROVENANCE = "provenance"  # the table of a saved config.toml that records what produced the run
+# The keys whose default is the strategy's own (fedvb.core.registry.DEFAULTS), and the value that asks for it:
+# 0 ("" for text; -1 for ivon_hess_init, where 0 is a setting the papers use).
+PER_STRATEGY: dict[str, Any] = {key: -1.0 if key == "ivon_hess_init" else type(value)() for key, value in
+                                COMMON_DEFAULTS.items()}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -54,7 +68,11 @@ class RunConfig:
     strategy: str = field(default="ivon-admm", metadata=_meta("algorithm", choices=STRATEGIES))
     dataset: str = field(default="digits", metadata=_meta("named dataset (see fedvb.data.DATASETS)"))
     data: str = field(default="", metadata=_meta("bring-your-own .npz (x, y, client[, x_test, y_test])"))
-    model: str = field(default="", metadata=_meta("model name; default: mlp for images, softmax for tables"))
+    model: str = field(
+        default="",
+        metadata=_meta("model name; default: mlp for images, the linear model (softmax for classes, linear for a "
+                       "regression) for tables and for an exact client solver"),
+    )  # fmt: skip
     num_clients: int = field(default=10, metadata=_meta("number of clients K", min=1))
     rounds: int = field(default=10, metadata=_meta("communication rounds R", min=1))
     seed: int = field(default=0, metadata=_meta("seed of data split, init and every random stream", min=0))
@@ -87,26 +105,32 @@ class RunConfig:
                        "0 for --data (your own data is trained in full)", ge=-1, lt=1),
     )  # fmt: skip
     fraction_train: float = field(default=1.0, metadata=_meta("fraction of clients per round", gt=0, max=1))
-    prior_precision: float = field(default=1.0, metadata=_meta("delta: prior N(0, 1/delta I)", gt=0))
-    rho: float = field(default=1.0, metadata=_meta("KL weight / ADMM penalty of BayesADMM presets", gt=0))
-    damping: float = field(default=1.0, metadata=_meta("gamma: dual step damping", gt=0, max=1))
+    prior_precision: float = field(default=0.0, metadata=_meta("delta: prior N(0, 1/delta I)", gt=0))
+    rho: float = field(default=0.0, metadata=_meta("KL weight / ADMM penalty of BayesADMM presets", gt=0))
+    damping: float = field(default=0.0, metadata=_meta("gamma: dual step damping", gt=0, max=1))
     alpha: float = field(default=0.0, metadata=_meta("server mixing; 0 means 1/(1 + K rho)", ge=0, max=1))
-    temperature: float = field(default=1.0, metadata=_meta("tau: likelihood temperature", gt=0))
+    temperature: float = field(default=0.0, metadata=_meta("tau: likelihood temperature", gt=0))
     family: str = field(
         default="",
         metadata=_meta("Gaussian family of pvi, bayes-admm and bregman-admm; default diagonal", choices=FAMILIES),
     )
     solver: str = field(default="", metadata=_meta("client solver of BayesADMM presets", choices=SOLVERS))
     precision_floor: float = field(default=0.0, metadata=_meta("lower bound on server precision; 0: none", ge=0))
-    local_epochs: int = field(default=1, metadata=_meta("local epochs per round", min=1))
-    lr: float = field(default=1e-3, metadata=_meta("local learning rate (IVON: Newton step size)", gt=0))
-    lr_schedule: str = field(
-        default="constant",
-        metadata=_meta("local learning rate over rounds: cosine = lr (1 + cos(pi (r-1) / rounds)) / 2 in round r, "
-                       "as the papers' code", choices=LR_SCHEDULES),
+    round_one_anchor: str = field(
+        default="",
+        metadata=_meta("BayesADMM presets: round 1's clients are anchored at init (the model's initialisation, "
+                       "where the server starts) or prior (the prior mean 0, training still from the "
+                       "initialisation: the papers' code)", choices=("", *ROUND_ONE_ANCHORS)),
     )  # fmt: skip
-    batch_size: int = field(default=32, metadata=_meta("local minibatch size", min=1))
-    optimizer: str = field(default="adam", metadata=_meta("MAP optimizer", choices=OPTIMIZERS))
+    local_epochs: int = field(default=0, metadata=_meta("local epochs per round", min=1))
+    lr: float = field(default=0.0, metadata=_meta("local learning rate (IVON: Newton step size)", gt=0))
+    lr_schedule: str = field(
+        default="",
+        metadata=_meta("local learning rate over rounds: cosine = lr (1 + cos(pi (r-1) / rounds)) / 2 in round r, "
+                       "as the papers' code", choices=("", *LR_SCHEDULES)),
+    )  # fmt: skip
+    batch_size: int = field(default=0, metadata=_meta("local minibatch size", min=1))
+    optimizer: str = field(default="", metadata=_meta("MAP optimizer", choices=OPTIMIZERS))
     hidden: str = field(default="200,100", metadata=_meta("MLP hidden sizes, comma-separated"))
     activation: str = field(default="sigmoid", metadata=_meta("MLP activation (sigmoid, relu, tanh, gelu)"))
     proximal_mu: float = field(default=0.01, metadata=_meta("FedProx mu", ge=0))
@@ -114,13 +138,15 @@ class RunConfig:
     admm_rho: float = field(default=0.01, metadata=_meta("FedADMM penalty rho", gt=0))
     server_lr: float = field(default=1.0, metadata=_meta("FedADMM / SCAFFOLD server step", gt=0))
     func_inputs: int = field(
-        default=256, metadata=_meta("fedlap-func: unlabelled inputs held out for the server", min=1)
-    )
+        default=0,
+        metadata=_meta("fedlap-func: unlabelled inputs held out for the server; 0: 256, or a tenth of the training "
+                       "rows where that is fewer", min=0),
+    )  # fmt: skip
     func_weight: float = field(default=1.0, metadata=_meta("fedlap-func: weight beta of the function-space term", ge=0))
     func_steps: int = field(default=50, metadata=_meta("fedlap-func: server Adam steps per round", min=0))
     func_lr: float = field(default=0.01, metadata=_meta("fedlap-func: server Adam learning rate", gt=0))
-    ivon_hess_init: float = field(default=0.1, metadata=_meta("IVON initial h", ge=0))
-    ivon_beta2: float = field(default=0.99995, metadata=_meta("IVON beta2", ge=0, lt=1))
+    ivon_hess_init: float = field(default=-1.0, metadata=_meta("IVON initial h", ge=0))
+    ivon_beta2: float = field(default=0.0, metadata=_meta("IVON beta2", gt=0, lt=1))
     ivon_mc_samples: int = field(default=1, metadata=_meta("IVON Monte Carlo samples per step", min=1))
     ivon_kernel: str = field(
         default="auto",
@@ -194,6 +220,15 @@ class RunConfig:
     target_accuracy: float = field(
         default=0.0, metadata=_meta("summary reports the first round reaching it; 0: none", ge=0, max=1)
     )
+
+    def __post_init__(self) -> None:
+        """Keys left at their "per strategy" value (:data:`PER_STRATEGY`) take the strategy's default
+        (fedvb.core.registry.DEFAULTS); which ones did is kept, so that a change of strategy re-resolves them
+        (:meth:`replace`, :meth:`explicit`). The resolved values are what a run folder's config.toml holds."""
+        self._defaulted = tuple(key for key, ask in PER_STRATEGY.items() if getattr(self, key) == ask)
+        if self.strategy in DEFAULTS:  # an unknown strategy is validate's to report
+            for key in self._defaulted:
+                setattr(self, key, default_value(self.strategy, key, max(self.num_clients, 1)))
 
     # -- building --------------------------------------------------------------------
     @classmethod
@@ -372,6 +407,11 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def explicit(self) -> dict[str, Any]:
+        """The keys as given: those the strategy's defaults filled are back at their "per strategy" value, so
+        that the same settings under another strategy take that strategy's defaults."""
+        return {**self.as_dict(), **{key: PER_STRATEGY[key] for key in self._defaulted}}
+
     def to_toml(self, provenance: dict[str, str] | None = None) -> str:
         """The configuration as TOML; ``provenance`` (versions, commit) goes in a ``[provenance]`` table,
         which :meth:`from_sources` skips."""
@@ -380,7 +420,12 @@ class RunConfig:
         return tomli_w.dumps({**self.as_dict(), **({PROVENANCE: provenance} if provenance else {})})
 
     def replace(self, **changes) -> RunConfig:
-        new = dataclasses.replace(self, **changes)
+        """This configuration with ``changes``; a new strategy or client count takes its own defaults where this
+        one's were used."""
+        resolved_by = ("strategy", "num_clients")  # what the defaults depend on (damping 1/K)
+        moved = any(changes.get(key, getattr(self, key)) != getattr(self, key) for key in resolved_by)
+        values = self.explicit() if moved else self.as_dict()
+        new = RunConfig(**{**values, **changes})
         new.validate()
         return new
 
@@ -421,7 +466,8 @@ def _strategies_reading(key: str) -> tuple[str, ...]:
 # Keys that only some strategies read (every other key applies to every strategy), from the registry.
 # ``fedvb compare`` names a setting by the keys that differ *and* apply to it.
 STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
-    **{key: BAYES_ADMM for key in ("prior_precision", "damping", "temperature", "solver", "precision_floor")},
+    **{key: BAYES_ADMM for key in ("prior_precision", "damping", "temperature", "solver", "precision_floor",
+                                   "round_one_anchor")},  # fmt: skip
     **{key: _strategies_reading(key) for key in (
         "rho", "alpha", "family", "proximal_mu", "feddyn_alpha", "admm_rho", "server_lr", "func_inputs",
         "func_weight", "func_steps", "func_lr", "eval_samples")},
@@ -444,6 +490,15 @@ def applies(key: str, config: dict[str, Any]) -> bool:
     if key in MAP_KEYS:
         return solver in ("map", "laplace")
     return True
+
+
+def at_strategy_default(key: str, config: dict[str, Any]) -> bool:
+    """Whether ``key`` of ``config`` (a configuration as a mapping) holds its strategy's own default
+    (fedvb.core.registry.DEFAULTS): ``fedvb compare`` does not name a setting by it."""
+    strategy = config.get("strategy")
+    if key not in PER_STRATEGY or strategy not in DEFAULTS:
+        return False
+    return config.get(key) == default_value(strategy, key, max(int(config.get("num_clients", 1)), 1))
 
 
 def algorithm_rows() -> list[tuple[str, str, str, str, str]]:
@@ -473,5 +528,20 @@ def describe_fields() -> str:
     for f in fields(RunConfig):
         meta = f.metadata
         extra = f" [{'|'.join(c or '(default)' for c in meta['choices'])}]" if "choices" in meta else ""
-        lines.append(f"  {f.name:18s} {f.default!r:14s} {meta['help']}{extra}")
+        default = f"{f.default!r} (per strategy)" if f.name in PER_STRATEGY else repr(f.default)
+        lines.append(f"  {f.name:18s} {default:14s} {meta['help']}{extra}")
+    return "\n".join(lines)
+
+
+def describe_defaults() -> str:
+    """Each strategy's defaults for the "per strategy" keys (fedvb.core.registry.DEFAULTS), for ``--help``: one
+    line of common values, then what each strategy sets otherwise."""
+
+    def wrapped(head: str, values: dict[str, Any]) -> list[str]:
+        text = ", ".join(f"{key} {value}" for key, value in values.items()) or "common"
+        return textwrap.wrap(text, 110, initial_indent=f"  {head:18s} ", subsequent_indent=" " * 21)
+
+    lines = wrapped("common", COMMON_DEFAULTS)
+    for strategy in STRATEGIES:
+        lines += wrapped(strategy, {k: v for k, v in DEFAULTS[strategy].items() if v != COMMON_DEFAULTS[k]})
     return "\n".join(lines)

@@ -67,12 +67,18 @@ class Prepared:
     assigned: list[np.ndarray] | None = None
 
 
+DENSE_LIMIT = 4096  # parameters of a dense family's model (P x P float64: 134 MB a matrix)
+FUNC_INPUTS = 256  # fedlap-func's default count of held-out server inputs (fewer on small data)
+
+
 def _key(config: RunConfig) -> str:
     """The configuration keys that decide data and model (cache key)."""
     keys = ("dataset", "data", "model", "num_clients", "seed", "data_dir", "preprocessing", "partition",
             "partition_alpha", "hidden", "activation", "data_fraction", "local_test_fraction")  # fmt: skip
     values = {k: getattr(config, k) for k in keys}
-    values["func_inputs"] = config.func_inputs if getattr(ALGORITHMS[config.strategy], "function_space", False) else 0
+    values["linear_model"] = not config.model and _solves_exactly(config)  # the default model is then linear
+    # fedlap-func's held-out inputs: the key's count (0: its default), none (-1) for every other strategy
+    values["func_inputs"] = config.func_inputs if getattr(ALGORITHMS[config.strategy], "function_space", False) else -1
     if config.data:  # the file's identity too: a rewritten file must not be served from the cache
         try:
             stat = Path(config.data).stat()
@@ -82,8 +88,22 @@ def _key(config: RunConfig) -> str:
     return json.dumps(values, sort_keys=True)
 
 
+def _solves_exactly(config: RunConfig) -> bool:
+    """Whether the run's client solver is exact (closed form or Newton), which needs a linear model."""
+    entry = ALGORITHMS.get(config.strategy)
+    if not isinstance(entry, BayesADMMSpec):
+        return False
+    try:
+        return entry.solver_named(config.solver) is EXACT
+    except ValueError:
+        return False  # validation names the solver
+
+
 def prepare(config: RunConfig) -> Prepared:
-    key = _key(config)
+    return _prepared(_key(config))
+
+
+def _prepared(key: str) -> Prepared:
     adopted = _ADOPTED.get(key)
     return adopted if adopted is not None else _prepare_cached(key)
 
@@ -134,17 +154,19 @@ def adopt_prepared(payload: tuple) -> None:
     adopt_parts((key, skeleton, attach(spec)))
 
 
-def _from_key(key: str) -> tuple[RunConfig, int]:
-    """The configuration a :func:`_key` stands for, and fedlap-func's held-out input count."""
+def _from_key(key: str) -> tuple[RunConfig, int, bool]:
+    """The configuration a :func:`_key` stands for, fedlap-func's held-out input count, and whether the default
+    model is the linear one."""
     values = json.loads(key)
     held_out = values.pop("func_inputs")
     values.pop("data_file", None)
-    return RunConfig.from_mapping(values), held_out
+    linear_model = values.pop("linear_model")
+    return RunConfig.from_mapping(values), held_out, linear_model
 
 
 @functools.lru_cache(maxsize=4)
 def _prepare_cached(key: str) -> Prepared:
-    config, held_out = _from_key(key)
+    config, held_out, linear_model = _from_key(key)
     if config.data:
         dataset = _load_npz(config)
         model_name = "linear" if config.model == "linear" else "softmax"
@@ -154,7 +176,8 @@ def _prepare_cached(key: str) -> Prepared:
             config.dataset, data_dir=config.data_dir or None, preprocessing=config.preprocessing, seed=config.seed,
             **generated,
         )  # fmt: skip
-        model_name = config.model or ("mlp" if len(dataset.input_shape) == 3 else "softmax")
+        linear = "softmax" if dataset.task == "classification" else "linear"  # tables, and exact solves
+        model_name = config.model or ("mlp" if len(dataset.input_shape) == 3 and not linear_model else linear)
     scheme = config.partition
     if scheme == "auto":
         scheme = "natural" if dataset.natural_clients is not None else "papers-dirichlet"
@@ -165,6 +188,9 @@ def _prepare_cached(key: str) -> Prepared:
     elif config.data_fraction < 1.0:
         dataset, source = _subsample(dataset, config.data_fraction, config.seed)
     unlabelled = None
+    if held_out == 0:  # the default: at most FUNC_INPUTS, and no more than a tenth of the training rows
+        held_out = max(1, min(FUNC_INPUTS, len(dataset.y_train) // 10))
+    held_out = max(held_out, 0)
     if held_out >= len(dataset.y_train):
         raise ConfigError(
             "func_inputs", f"must be < the {len(dataset.y_train)} training rows it is held out of, got {held_out}"
@@ -355,6 +381,18 @@ def check_runnable(config: RunConfig) -> None:
     if out.reshape(1, -1).shape[1] != expected:
         raise ConfigError("model", f"{prepared.model_name} gives {out.reshape(1, -1).shape[1]} outputs; the data "
                                    f"needs {expected}")  # fmt: skip
+    _check_dense_fits(config, sum(p.numel() for p in model.parameters()))
+
+
+def _check_dense_fits(config: RunConfig, size: int) -> None:
+    """A dense family keeps a P x P precision for the server and for each client's site, and every client step
+    solves with one (Newton: one per iteration, the Hessian built from every example): past DENSE_LIMIT
+    parameters that is gigabytes and minutes a client, so such a run is refused before anything is written."""
+    entry = ALGORITHMS[config.strategy]
+    if isinstance(entry, BayesADMMSpec) and entry.family_for(config).name == "dense" and size > DENSE_LIMIT:
+        raise ConfigError("model", f"the dense family keeps and solves with a P x P precision per client: at most "
+                                   f"{DENSE_LIMIT} parameters, this model has {size}; allowed: a model with fewer "
+                                   "parameters (smaller inputs) or a diagonal family")  # fmt: skip
 
 
 def build_run_model(config: RunConfig, prepared: Prepared) -> torch.nn.Module:
@@ -446,6 +484,7 @@ def _algorithm(config: RunConfig, with_data: bool) -> Algorithm:
         prior_precision=config.prior_precision,
         temperature=config.temperature,
         precision_floor=config.precision_floor or None,
+        round_one_anchor=config.round_one_anchor,
     )
     if entry.function_space:
         prepared = prepare(config)
@@ -538,7 +577,7 @@ def write_label_distribution(config: RunConfig, path) -> None:
 @functools.lru_cache(maxsize=2)
 def _eval_trainer(key: str, device: str) -> TorchTrainer:
     config = _from_key(key)[0].replace(device=device)
-    prepared = prepare(config)
+    prepared = _prepared(key)  # the key's data and model (the config made from it has no strategy)
     empty = torch.zeros(0)
     return TorchTrainer(build_run_model(config, prepared), empty, empty, prepared.dataset.task, LocalSettings(),
                         device=resolve_device(config))  # fmt: skip

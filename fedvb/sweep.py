@@ -35,7 +35,7 @@ def grid_configs(base: RunConfig, strategies: Sequence[str], seeds: Sequence[int
     return [
         RunConfig.from_mapping(
             {
-                **base.as_dict(),
+                **base.explicit(),  # each strategy takes its own defaults
                 "strategy": s,
                 "seed": seed,
                 "backend": "inprocess",

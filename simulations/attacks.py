@@ -31,6 +31,11 @@ from fedvb.faults import ATTACKS
 # the dense Newton variant's cavity rho S_bar - V stops being positive definite in round 2 at damping 1
 # (every client's local objective non-convex), and converges at damping 0.5 (docs/algorithms.md §3)
 SETTINGS = {"fedlap": {"lr": 0.002}, "fedlap-cov": {"lr": 0.002}, "bayes-admm-newton": {"damping": 0.5}}
+# the common setting of every run, every key written out (the strategies' defaults, fedvb.core.registry.DEFAULTS,
+# are not this study's: it compares each strategy under one local training recipe)
+COMMON = dict(local_epochs=1, batch_size=32, optimizer="adam", prior_precision=1.0, rho=1.0, damping=1.0,
+              temperature=1.0, ivon_hess_init=0.1, ivon_beta2=0.99995, lr_schedule="constant",
+              round_one_anchor="init")  # fmt: skip
 CASES = ["honest"] + [f"{kind}@0{when}" for kind in ATTACKS for when in ("", ":once")]
 
 
@@ -40,7 +45,8 @@ def attacked_run(
     """One run of the matrix: its final accuracy and status, and the attacker's rejected and clipped replies."""
     values = dict(strategy=strategy, dataset="digits", model="softmax", num_clients=5, rounds=4, lr=0.01,
                   eval_samples=0, func_inputs=50, attack="" if case == "honest" else case, robust_clip=robust_clip,
-                  combine=combine, out=str(out / strategy / case.replace("@", "-").replace(":", "-")))  # fmt: skip
+                  combine=combine, out=str(out / strategy / case.replace("@", "-").replace(":", "-")),
+                  **COMMON)  # fmt: skip
     config = RunConfig.from_mapping({**values, **SETTINGS.get(strategy, {})})
     run(config)
     summary = json.loads((Path(config.out) / "summary.json").read_text())

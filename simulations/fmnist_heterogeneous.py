@@ -44,9 +44,9 @@ BASELINE = {
     "fedavg": COMMON,
     "fedprox": {**COMMON, "proximal_mu": 0.01},
     "feddyn": {**COMMON, "feddyn_alpha": 1e-4},
-    "fedlap": {**COMMON, "temperature": 1.0, "damping": 1.0},
-    "fedlap-cov": {**COMMON, "temperature": 1.0, "damping": 0.1},
-    "fedlap-kfac": {**COMMON, "temperature": 1.0, "damping": 0.1},
+    "fedlap": {**COMMON, "temperature": 1.0, "damping": 1.0, "round_one_anchor": "init"},
+    "fedlap-cov": {**COMMON, "temperature": 1.0, "damping": 0.1, "round_one_anchor": "init"},
+    "fedlap-kfac": {**COMMON, "temperature": 1.0, "damping": 0.1, "round_one_anchor": "init"},
 }
 BOUND = 10.0
 BASELINE_OF_TABLE = "fedavg"  # the differences in compare.md are to FedAvg

@@ -40,7 +40,7 @@ from fedvb.metrics import score
 F64 = torch.float64
 MLP = {"dataset": "digits", "model": "mlp", "hidden": "16", "activation": "sigmoid", "num_clients": 10,
        "partition": "papers-dirichlet", "seed": 0, "rounds": 30, "lr": 0.01, "local_epochs": 5, "damping": 0.1,
-       "prior_precision": 1.0, "workers": 1}  # fmt: skip
+       "prior_precision": 1.0, "workers": 1, "batch_size": 32, "round_one_anchor": "init"}  # fmt: skip
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

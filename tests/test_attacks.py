@@ -41,7 +41,9 @@ def test_one_attacker_of_five_neither_crashes_nor_passes_unbounded(strategy, tmp
             continue  # nothing to craft
         result = attacked_run(strategy, case, tmp_path)
         if (strategy, case) in STOPS:
-            assert result["status"] == "stopped" and result["reason"] == "round 2: 0 accepted replies, min_replies is 1"
+            assert result["status"] == "stopped" and result["reason"].startswith(
+                "round 2: 0 accepted replies, min_replies is 1"
+            )
             continue
         assert result["status"] in ("completed", "completed_with_losses"), (case, result)
         crafted = 1 if case.endswith(":once") else ROUNDS

@@ -1,5 +1,6 @@
 """`fedvb run`: exit code 2 and one line naming the field on bad input; the run folder on success."""
 
+import dataclasses
 import io
 import json
 import tomllib
@@ -70,17 +71,17 @@ NON_FINITE = (
 
 BAD_INPUTS = [
     (["--strategy", "fedsgd"], "strategy: got 'fedsgd'; allowed: 'fedavg'"),
-    (["--set", "rho=0"], "rho: must be > 0, got 0.0"),
+    (["--set", "rho=-1"], "rho: must be > 0, got -1.0"),  # 0: the strategy's default
     (["--set", "damping=1.5"], "damping: must be <= 1, got 1.5"),
-    (["--set", "damping=0"], "damping: must be > 0, got 0.0"),
+    (["--set", "damping=-0.5"], "damping: must be > 0, got -0.5"),
     (["--set", "alpha=1.5"], "alpha: must be <= 1, got 1.5"),
     (["--set", "lr=fast"], "lr: expected float, got 'fast'"),
     (["--set", "lr=-0.1"], "lr: must be > 0, got -0.1"),
-    (["--set", "prior_precision=0"], "prior_precision: must be > 0, got 0.0"),
+    (["--set", "prior_precision=-1"], "prior_precision: must be > 0, got -1.0"),
     (["--num-clients", "0"], "num_clients: must be >= 1, got 0"),
     (["--rounds", "0"], "rounds: must be >= 1, got 0"),
     (["--set", "rounds=2.5"], "rounds: expected int, got '2.5'"),
-    (["--set", "batch_size=0"], "batch_size: must be >= 1, got 0"),
+    (["--set", "batch_size=-1"], "batch_size: must be >= 1, got -1"),
     (["--set", "fraction_train=0"], "fraction_train: must be > 0, got 0.0"),
     (["--set", "data_fraction=1.5"], "data_fraction: must be <= 1, got 1.5"),
     (["--set", "local_test_fraction=1"], "local_test_fraction: must be < 1, got 1.0"),
@@ -107,7 +108,10 @@ BAD_INPUTS = [
         ["--strategy", "bayes-admm-newton", "--set", "solver=ivon"],
         "solver: bayes-admm-newton allows the solvers exact, not 'ivon'",
     ),
-    (["--strategy", "fedlap-func", "--dataset", "synthetic-linear", "--num-clients", "4"], "func_inputs: must be <"),
+    (
+        ["--strategy", "fedlap-func", "--dataset", "synthetic-logistic", "--set", "func_inputs=100000"],
+        "func_inputs: must be <",
+    ),
     (["--set", "min_replies=11"], "min_replies: must be <= the 10 clients sampled per round, got 11"),
     (["--set", "round_retries=-1"], "round_retries: must be >= 0, got -1"),
     (["--set", "client_timeout_s=-1"], "client_timeout_s: must be >= 0, got -1.0"),
@@ -164,11 +168,11 @@ BAD_INPUTS = [
     (["--set", "ivon_mc_samples=0"], "ivon_mc_samples: must be >= 1, got 0"),
     (["--set", "ivon_kernel=gpu"], "ivon_kernel: got 'gpu'; allowed: 'auto', 'torch', 'native'"),
     (["--set", "func_steps=-1"], "func_steps: must be >= 0, got -1"),
-    (["--set", "optimizer=lbfgs"], "optimizer: got 'lbfgs'; allowed: 'adam', 'sgd'"),
+    (["--set", "optimizer=lbfgs"], "optimizer: got 'lbfgs'; allowed: '', 'adam', 'sgd'"),
     (["--set", "family=kronecker"], "family: got 'kronecker'; allowed: '', 'isotropic'"),
     (["--set", "preprocessing=whiten"], "preprocessing: got 'whiten'; allowed: 'standardize', 'raw'"),
     (["--set", "seed=-1"], "seed: must be >= 0, got -1"),
-    (["--set", "local_epochs=0"], "local_epochs: must be >= 1, got 0"),
+    (["--set", "local_epochs=-2"], "local_epochs: must be >= 1, got -2"),
     (["--set", "client_gpus=-1"], "client_gpus: must be >= 0, got -1.0"),
     (
         ["--strategy", "ivon-admm", "--set", "solver=laplace"],
@@ -278,7 +282,7 @@ def test_a_config_path_that_is_a_folder_is_refused(tmp_path, capsys):
 def test_flwr_run_config_lists_every_key_with_its_default():
     """Flower accepts in --run-config only the keys of [tool.flwr.app.config]: all of fedvb's, as defaults."""
     app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    defaults = RunConfig().as_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}  # as written: "per strategy" values too
     assert set(app_config) == set(defaults)
     assert {k: v for k, v in app_config.items() if k != "out"} == {k: v for k, v in defaults.items() if k != "out"}
     assert app_config["out"] == "runs/flwr/{run_id}"

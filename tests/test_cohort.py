@@ -25,7 +25,7 @@ def config_for(strategy: str, **changes) -> RunConfig:
     """Digits, a small MLP, 8 clients of unequal sizes (the papers' split), 2 local epochs: clients whose last
     batches are short and whose step counts differ, so padding and each client's own end are exercised."""
     values = dict(strategy=strategy, rounds=3, num_clients=8, model="mlp", hidden="32", local_epochs=2, lr=0.005,
-                  workers=1, partition="papers-dirichlet", seed=0)  # fmt: skip
+                  batch_size=32, workers=1, partition="papers-dirichlet", seed=0)  # fmt: skip
     values.update(changes)
     return RunConfig.from_mapping(values)
 

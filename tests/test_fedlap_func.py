@@ -28,7 +28,7 @@ def test_zero_weight_is_fedlap_exactly():
     cfg = config(func_weight=0.0)
     func, server = run_plain(cfg)
     assert isinstance(func, FedLapFunc)
-    fedlap = BayesADMM(func.preset, prior_precision=1.0)
+    fedlap = BayesADMM(func.preset, prior_precision=1.0, round_one_anchor=func.round_one_anchor)
     _, reference = run_plain(cfg, fedlap)
     assert torch.equal(server.arrays["mean"], reference.arrays["mean"])
 

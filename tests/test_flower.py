@@ -116,7 +116,8 @@ def test_library_code_leaves_torchs_thread_count_alone(tmp_path):
 
 
 def test_bayes_admm_newton_over_flower_is_exact_on_linear_regression(tmp_path):
-    """One round of the dense Newton variant with rho = 1/K gives the exact posterior, through Flower."""
+    """One round of the dense Newton variant with rho = 1/K and gamma = 1 (docs/algorithms.md §3) gives the exact
+    posterior, through Flower."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((60, 3))
     y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.standard_normal(60)
@@ -124,7 +125,7 @@ def test_bayes_admm_newton_over_flower_is_exact_on_linear_regression(tmp_path):
     np.savez(tmp_path / "data.npz", x=x, y=y, client=client, x_test=x[:10], y_test=y[:10])
     config = RunConfig.from_mapping(
         dict(strategy="bayes-admm-newton", data=str(tmp_path / "data.npz"), model="linear", num_clients=4,
-             rounds=1, rho=0.25, prior_precision=2.0, out=str(tmp_path / "run"), eval_samples=0,
+             rounds=1, rho=0.25, damping=1.0, prior_precision=2.0, out=str(tmp_path / "run"), eval_samples=0,
              local_test_fraction=0.0)
     )  # fmt: skip
     run(config)

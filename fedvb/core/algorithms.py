@@ -170,6 +170,9 @@ class Algorithm(ABC):
         return None
 
 
+ROUND_ONE_ANCHORS = ("init", "prior")  # BayesADMM's round_one_anchor (docs/algorithms.md §2: round 1)
+
+
 def _weighted_mean(replies: dict[Any, Arrays], key: str, combination: Combination) -> Tensor:
     weights = torch.stack([r["num_examples"].double() for r in replies.values()])
     return combination.mean([r[key] for r in replies.values()], weights)
@@ -179,7 +182,9 @@ class BayesADMM(Algorithm):
     """The BayesADMM machinery for any preset (docs/algorithms.md §2): the preset's client solver
     (:mod:`fedvb.core.client_solvers`), its site step and its alpha rule.
     The server starts at ``N(initial_mean, delta^-1)`` (the model's initialisation) while the prior is
-    ``N(0, delta^-1 I)``.
+    ``N(0, delta^-1 I)``. ``round_one_anchor``: what round 1's clients are anchored at (their cavity and site
+    step): ``"init"``, the server's starting mean, or ``"prior"``, the prior mean 0 while they still start
+    training from the initialisation, as the papers' code (docs/algorithms.md §2: round 1).
     """
 
     def __init__(
@@ -189,7 +194,11 @@ class BayesADMM(Algorithm):
         prior_precision: float,
         temperature: float = 1.0,
         precision_floor: float | None = None,
+        round_one_anchor: str = "init",
     ) -> None:
+        if round_one_anchor not in ROUND_ONE_ANCHORS:
+            raise ValueError(f"round_one_anchor: got {round_one_anchor!r}; allowed: {', '.join(ROUND_ONE_ANCHORS)}")
+        self.round_one_anchor = round_one_anchor
         self.preset = preset
         self.name = preset.name
         # FedLap's fixed precision is a prior scale, not a posterior: no predictive sampling for it.
@@ -220,7 +229,7 @@ class BayesADMM(Algorithm):
         if self.preset.family.needs_model:  # a client's algorithm learns the architecture from its trainer
             self.bind(trainer.model)
         family = self.preset.family
-        server = Gaussian(payload["mean"], payload["precision"], family)
+        server = self._anchor(payload)
         site = (
             NaturalParams(state["site_linear"], state["site_quadratic"], family)
             if state
@@ -229,7 +238,7 @@ class BayesADMM(Algorithm):
         posterior, new_state = self.solver.solve(
             trainer, server, site, rho=self.preset.rho, temperature=self.temperature,
             point_estimate=self.preset.point_estimate, generator=generator, state=state,
-            first_round=int(payload["round"]) == 0,
+            first_round=int(payload["round"]) == 0, start=payload["mean"],
         )  # fmt: skip
         new_state = dict(new_state)
         new_site = self.preset.update_site(site, posterior, server)
@@ -257,7 +266,7 @@ class BayesADMM(Algorithm):
             raise RejectedReply(f"precision: {error}") from None
         if client is None:
             return
-        expected = self.preset.update_site(self._site(server, client), posterior, self.server_posterior(server))
+        expected = self.preset.update_site(self._site(server, client), posterior, self._anchor(server.arrays))
         for name, value in (("site_linear", expected.linear), ("site_quadratic", expected.quadratic)):
             scale = float(value.abs().max()) if value.numel() else 0.0
             if not all_close(reply[name], value, rtol=1e-6, atol=1e-9 * max(scale, 1.0)):
@@ -287,7 +296,7 @@ class BayesADMM(Algorithm):
         if self.robust_clip <= 0 or len(replies) < 3:
             return replies
         family = self.preset.family
-        centre = self.server_posterior(server).natural()
+        centre = self._anchor(server.arrays).natural()
         naturals = [Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values()]
         sizes = [float(r["num_examples"]) for r in replies.values()]
         linear = [n.linear - centre.linear for n in naturals]
@@ -326,10 +335,10 @@ class BayesADMM(Algorithm):
         site is the site step to its (bounded) posterior, computed here from the server's record."""
         family = self.preset.family
         replies = self.bound(server, replies)
-        server_posterior = self.server_posterior(server)
+        anchor = self._anchor(server.arrays)
         running = self._running_site_sum(server, len(replies), num_clients)
         posteriors = [Gaussian(replies[key]["mean"], replies[key]["precision"], family) for key in sorted(replies)]
-        sites = _SitesAfterRound(self, server, dict(zip(sorted(replies), posteriors)), server_posterior)
+        sites = _SitesAfterRound(self, server, dict(zip(sorted(replies), posteriors)), anchor)
         if running is not None:
             for key in sorted(replies):  # one client at a time: its old and new site made, used and dropped
                 running = running + (sites[key] - self._site(server, key))
@@ -372,6 +381,14 @@ class BayesADMM(Algorithm):
 
     def server_posterior(self, server):
         return Gaussian(server.arrays["mean"], server.arrays["precision"], self.preset.family)
+
+    def _anchor(self, arrays: Arrays) -> Gaussian:
+        """What a round's clients are anchored at (cavity and site step): the server's posterior, but in round
+        1 under ``round_one_anchor = "prior"`` the prior's mean 0 with the server's precision."""
+        mean = arrays["mean"]
+        if self.round_one_anchor == "prior" and int(arrays["round"]) == 0:
+            mean = torch.zeros_like(mean)
+        return Gaussian(mean, arrays["precision"], self.preset.family)
 
 
 _SITE_KEYS = ("site_linear", "site_quadratic")

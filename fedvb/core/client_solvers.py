@@ -54,8 +54,11 @@ class ClientSolver(Protocol):
         generator: torch.Generator,
         state: State,
         first_round: bool,
+        start: Tensor | None = None,
     ) -> tuple[Gaussian, State]:
-        """The client's posterior (in the server's dtype and device) and the solver's new state."""
+        """The client's posterior (in the server's dtype and device) and the solver's new state. ``start``:
+        where local training starts (``None``: the server's mean; it differs in round 1 when the clients are
+        anchored at the prior, :class:`~fedvb.core.algorithms.BayesADMM`)."""
 
 
 class ExactSolver:
@@ -66,7 +69,9 @@ class ExactSolver:
     def supports(self, family: Family) -> str | None:
         return None
 
-    def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
+    def solve(
+        self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round, start=None
+    ):
         posterior = trainer.exact(server, site, rho=rho, temperature=temperature, point_estimate=point_estimate)
         return posterior, {}
 
@@ -79,9 +84,12 @@ class LaplaceSolver:
     def supports(self, family: Family) -> str | None:
         return None
 
-    def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
+    def solve(
+        self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round, start=None
+    ):
         cavity = local_penalty(server, site, rho)
-        mean = trainer.map(server.mean, cavity, temperature=temperature, generator=generator)
+        mean = trainer.map(server.mean if start is None else start, cavity, temperature=temperature,
+                           generator=generator)  # fmt: skip
         mean = mean.to(server.mean)  # the server's dtype and device (the trainer may be on a GPU)
         if point_estimate:
             return Gaussian(mean, server.precision, server.family), {}
@@ -99,11 +107,13 @@ class IVONSolver:
             return None
         return f"IVON keeps a diagonal Hessian estimate; a {family.name} family needs exact or laplace"
 
-    def solve(self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round):
+    def solve(
+        self, trainer, server, site, *, rho, temperature, point_estimate, generator, state, first_round, start=None
+    ):
         ivon_state = {k: v for k, v in state.items() if k.startswith("ivon_")}
         posterior, new_state = trainer.ivon(
             server, site, rho=rho, temperature=temperature, generator=generator, state=ivon_state,
-            first_round=first_round,
+            first_round=first_round, start=start,
         )  # fmt: skip
         return posterior.to(server.dtype), new_state
 

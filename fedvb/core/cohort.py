@@ -91,9 +91,9 @@ class CohortMember:
         kwargs = dict(start=start, penalty=penalty, temperature=temperature, generator=generator, optimizer=optimizer)
         return self._engine._wait(self._index, "map", kwargs)
 
-    def ivon(self, server, site, *, rho, temperature, generator, state, first_round=False):
+    def ivon(self, server, site, *, rho, temperature, generator, state, first_round=False, start=None):
         kwargs = dict(server=server, site=site, rho=rho, temperature=temperature, generator=generator,
-                      state=state, first_round=first_round)  # fmt: skip
+                      state=state, first_round=first_round, start=start)  # fmt: skip
         return self._engine._wait(self._index, "ivon", kwargs)
 
 
@@ -365,7 +365,9 @@ def _ivon_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list
     dual_linear = torch.stack([r.kwargs["site"].linear.to(**like) / rho for r in requests])
     dual_quadratic = torch.stack([s.family.diagonal(r.kwargs["site"].quadratic, s.dim).to(**like) / rho
                                   for s, r in zip(servers, requests)])  # fmt: skip
-    mean = prior_mean.clone()  # the warm start: m = m_bar and h = S_bar / lam - S_bar / lam = 0
+    # the warm start: m = m_bar (or the request's start) and h = S_bar / lam - S_bar / lam = 0
+    mean = torch.stack([(s.mean if r.kwargs["start"] is None else r.kwargs["start"]).to(**like)
+                        for s, r in zip(servers, requests)])  # fmt: skip
     lam_column = torch.tensor(lam, **like).unsqueeze(1)
     hess = prior_precision / lam_column - prior_precision / lam_column
     if first["first_round"]:

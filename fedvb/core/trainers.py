@@ -315,10 +315,12 @@ class TorchTrainer:
         generator: torch.Generator,
         state: dict[str, Tensor] | None,
         first_round: bool = False,
+        start: Tensor | None = None,
     ) -> tuple[Gaussian, dict[str, Tensor]]:
         """The BayesADMM client step by IVON (docs/algorithms.md §4): ``ess = N / rho``, the server as the
-        prior and the start, the site divided by ``rho`` as duals. ``state`` carries IVON's momentum
-        and step counter across rounds (they are not reset, as in the reference code)."""
+        prior and the start (``start``, where given, as the start's mean), the site divided by ``rho`` as duals.
+        ``state`` carries IVON's momentum and step counter across rounds (they are not reset, as in the
+        reference code)."""
         precision = server.family.diagonal(server.precision, server.dim)
         if precision is None:
             raise ValueError(f"ivon solver needs a diagonal or isotropic family, got {server.family.name}")
@@ -336,7 +338,8 @@ class TorchTrainer:
         opt.set_prior(server.mean.to(**device_dtype), precision.to(**device_dtype))
         quadratic = server.family.diagonal(site.quadratic, server.dim)
         opt.set_dual(site.linear.to(**device_dtype) / rho, quadratic.to(**device_dtype) / rho)
-        opt.warm_start(Gaussian(server.mean.to(**device_dtype), precision.to(**device_dtype), DIAGONAL))
+        begin = server.mean if start is None else start
+        opt.warm_start(Gaussian(begin.to(**device_dtype), precision.to(**device_dtype), DIAGONAL))
         if first_round:  # docs/algorithms.md §4: round 1 starts from h0, later rounds from the server (h = 0)
             opt.reset_hessian(s.ivon_hess_init)
         if state:

@@ -207,9 +207,10 @@ class ReplyScreen:
             node = self.addressing.node_of.get(client)
             self.round_log["rejected"].append({"client": client, "node": node, "reason": "no reply"})
         if len(accepted) < self.config.min_replies:
-            raise RoundFailed(
-                f"round {server_round}: {len(accepted)} accepted replies, min_replies is {self.config.min_replies}"
-            )
+            first = next(iter(self.round_log["rejected"]), None)  # why, in the words of the first refusal
+            why = f" (client {first['client']}: {first['reason']})" if first else ""
+            raise RoundFailed(f"round {server_round}: {len(accepted)} accepted replies, min_replies is "
+                              f"{self.config.min_replies}{why}")  # fmt: skip
         return dict(sorted(accepted.items()))  # the plain loop's order, whatever order replies arrive in
 
     def _check_examples(self, partition: int, reply: Arrays) -> None:
