@@ -42,6 +42,8 @@ LOGGERS = ("", "tensorboard")
 EVAL_CLIENTS_AUTO = 100  # eval_clients = -1: past this many clients a sample, so evaluation follows the cohort
 # the client solver of each BayesADMM preset when the solver key is left empty
 DEFAULT_SOLVER = {name: ALGORITHMS[name].solver.name for name in BAYES_ADMM}
+# the models a user's own --data may name: linear (a regression), or a classifier (logreg is softmax regression)
+DATA_MODELS = ("linear", "logreg", "mlp", "zenke-cnn", "acar-cnn", "resnet20")
 PROVENANCE = "provenance"  # the table of a saved config.toml that records what produced the run
 # The keys whose default is the strategy's own (fedvb.core.registry.DEFAULTS), and the value that asks for it:
 # 0 ("" for text; -1 for ivon_hess_init, where 0 is a setting the papers use).
@@ -67,7 +69,9 @@ class RunConfig:
 
     strategy: str = field(default="ivon-admm", metadata=_meta("algorithm", choices=STRATEGIES))
     dataset: str = field(default="digits", metadata=_meta("named dataset (see fedvb.data.DATASETS)"))
-    data: str = field(default="", metadata=_meta("bring-your-own .npz (x, y, client[, x_test, y_test])"))
+    data: str = field(
+        default="", metadata=_meta("bring-your-own .npz (x (N, d) or (N, C, H, W), y, client[, x_test, y_test])")
+    )
     model: str = field(
         default="",
         metadata=_meta("model name; default: mlp for images, the linear model (softmax for classes, linear for a "
@@ -289,8 +293,9 @@ class RunConfig:
 
         if not self.data and self.dataset not in DATASETS:
             raise ConfigError("dataset", f"got {self.dataset!r}; allowed: {', '.join(DATASETS)}")
-        if self.data and self.model not in ("linear", "logreg"):
-            raise ConfigError("model", f"--data needs --model linear or logreg, got {self.model!r}")
+        if self.data and self.model not in DATA_MODELS:
+            raise ConfigError("model", f"--data needs --model linear (a regression) or a classifier: "
+                                       f"{', '.join(DATA_MODELS[1:])}; got {self.model!r}")  # fmt: skip
         if self.model and not self.data and self.model not in MODELS:
             raise ConfigError("model", f"got {self.model!r}; allowed: {', '.join(MODELS)}")
         if self.partition not in ("auto", *SCHEMES):

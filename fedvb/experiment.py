@@ -169,7 +169,7 @@ def _prepare_cached(key: str) -> Prepared:
     config, held_out, linear_model = _from_key(key)
     if config.data:
         dataset = _load_npz(config)
-        model_name = "linear" if config.model == "linear" else "softmax"
+        model_name = {"logreg": "softmax"}.get(config.model, config.model)
     else:
         generated = {"num_clients": config.num_clients} if config.dataset in GENERATED else {}
         dataset = load_dataset(
@@ -248,7 +248,8 @@ def _keep_rows(dataset: Dataset, rows: np.ndarray) -> Dataset:
 
 
 def _load_npz(config: RunConfig) -> Dataset:
-    """Bring-your-own data: ``x`` (N, d), ``y`` (N,), ``client`` (N,) and optionally ``x_test``, ``y_test``.
+    """Bring-your-own data: ``x`` (N, d) or images (N, C, H, W), ``y`` (N,), ``client`` (N,) and optionally
+    ``x_test``, ``y_test``.
     Read without pickle (object arrays are refused), every array checked before anything trains."""
     try:
         z = np.load(config.data, allow_pickle=False)
@@ -285,23 +286,23 @@ def _checked_dataset(config: RunConfig, x, y, client, x_test, y_test) -> Dataset
     for name, values in (("y", y), ("client", client), ("y_test", y_test)):
         if values.ndim != 1:
             raise ConfigError("data", f"{name} must be one-dimensional, got shape {values.shape}")
-    if x.ndim != 2 or len(y) != len(x) or len(client) != len(x):
-        raise ConfigError(
-            "data", f"x must be (N, d) with y and client of length N; got {x.shape}, {y.shape}, {client.shape}"
-        )
-    if len(x) == 0 or x.shape[1] == 0:
+    if x.ndim not in (2, 4) or len(y) != len(x) or len(client) != len(x):
+        raise ConfigError("data", f"x must be (N, d) or (N, C, H, W) with y and client of length N; got {x.shape}, "
+                                  f"{y.shape}, {client.shape}")  # fmt: skip
+    if len(x) == 0 or 0 in x.shape[1:]:
         raise ConfigError("data", f"x has no {'rows' if len(x) == 0 else 'columns'} (shape {x.shape})")
-    if x_test.ndim != 2 or x_test.shape[1] != x.shape[1] or len(y_test) != len(x_test):
+    if x_test.shape[1:] != x.shape[1:] or len(y_test) != len(x_test):
+        row = ", ".join(str(n) for n in x.shape[1:])
         raise ConfigError(
-            "data", f"x_test must be (M, {x.shape[1]}) with y_test of length M; got {x_test.shape}, {y_test.shape}"
+            "data", f"x_test must be (M, {row}) with y_test of length M; got {x_test.shape}, {y_test.shape}"
         )
     for name, values in (("x", x), ("x_test", x_test), ("y", y), ("y_test", y_test)):
         if np.issubdtype(values.dtype, np.number) and not np.isfinite(values).all():
             raise ConfigError("data", f"{name} has non-finite values")
     classes = 0
-    if config.model == "logreg":
+    if config.model != "linear":  # a classifier
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise ConfigError("data", "y must hold non-negative integer classes for --model logreg")
+            raise ConfigError("data", f"y must hold non-negative integer classes for --model {config.model}")
         classes = int(y.max()) + 1
         if classes > max(2 * len(y), 1000):  # a model of that many outputs would not fit in memory
             raise ConfigError("data", f"y's largest class is {classes - 1}, far beyond its {len(y)} rows: "
@@ -312,7 +313,7 @@ def _checked_dataset(config: RunConfig, x, y, client, x_test, y_test) -> Dataset
     # float64 data stays float64 (the model is then built in float64, and the exact solvers stay exact to
     # float64 precision); anything else becomes float32
     dtype = np.float64 if x.dtype == np.float64 else np.float32
-    if config.model != "logreg":
+    if config.model == "linear":
         y, y_test = y.astype(dtype), y_test.astype(dtype)
     ids = np.unique(client)
     remap = {c: k for k, c in enumerate(ids)}

@@ -121,10 +121,10 @@ BAD_INPUTS = [
     (["--set", "faults=timeout=0.1"], "faults: timeout faults need client_timeout_s > 0"),
     (["--strategy", "fedavg", "--set", "faults=negative-precision=0.1"], "faults: negative-precision needs"),
     (["--data", "/nonexistent.npz", "--model", "linear"], "data: cannot read /nonexistent.npz"),
-    (["--data", "x.npz", "--model", "mlp"], "model: --data needs --model linear or logreg"),
+    (["--data", "x.npz", "--model", "softmax"], "model: --data needs --model linear (a regression) or a classifier"),
     (["/nonexistent.toml"], "config: file not found: /nonexistent.toml"),
     ([*NPZ_RUN, "{no-client}"], "data: {no-client} lacks the array 'client'"),
-    ([*NPZ_RUN, "{short-y}"], "data: x must be (N, d) with y and client of length N"),
+    ([*NPZ_RUN, "{short-y}"], "data: x must be (N, d) or (N, C, H, W) with y and client of length N"),
     ([*NPZ_RUN, "{x-vector}"], "data: x must be (N, d)"),
     ([*NPZ_RUN, "{nan-x}"], "data: x has non-finite values"),
     (["--model", "linear", "--num-clients", "3", "--data", "{inf-y}"], "data: y has non-finite values"),
@@ -148,7 +148,10 @@ BAD_INPUTS = [
     ([*NPZ_RUN, "{empty-file}"], "data: cannot read {empty-file}: EOFError"),
     ([*NPZ_RUN, "{text}"], "data: cannot read {text}"),
     ([*NPZ_RUN, "{truncated}"], "data: cannot read {truncated}"),
-    (["--data", "{good}", "--model", "zenke-cnn", "--num-clients", "3"], "model: --data needs --model linear"),
+    (
+        ["--data", "{good}", "--model", "zenke-cnn", "--num-clients", "3"],
+        "zenke-cnn needs image inputs (C, H, W), got shape (2,)",
+    ),
     # numbers that are not finite
     *[(["--set", f"{key}={value}"], f"{key}: must be a finite number, got {value}") for key, value in NON_FINITE],
     (["--set", "robust_clip=-1"], "robust_clip: must be >= 0, got -1.0"),
@@ -225,6 +228,24 @@ def test_a_run_writes_its_folder(tmp_path, capsys):
     with np.load(out / "posterior.npz") as z:
         assert z["mean"].shape == z["precision"].shape == (12,) and (z["precision"] > 0).all()
     assert "finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("model", "shape"), [("mlp", (6,)), ("zenke-cnn", (3, 16, 16))])
+def test_your_own_data_trains_any_classifier_on_its_own_clients(model, shape, tmp_path):
+    """A split made elsewhere (its own client column) fed to the MLP and to a CNN, images as (N, C, H, W)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240)
+    x = (rng.standard_normal((240, *shape)) + 2.0 * y.reshape(-1, *[1] * len(shape))).astype(np.float32)
+    client = np.repeat(np.arange(3), 80)  # the file's own split: clients 0, 1, 2 by row blocks
+    np.savez(tmp_path / "own.npz", x=x[:180], y=y[:180], client=client[:180], x_test=x[180:], y_test=y[180:])
+    out = tmp_path / "run"
+    args = ["run", "--data", str(tmp_path / "own.npz"), "--model", model, "--num-clients", "3", "--strategy",
+            "fedavg", "--rounds", "2", "--set", "lr=0.01", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["accuracy"] > 0.5, summary  # chance: 1/3
+    with np.load(out / "posterior.npz") as z:
+        assert z["mean"].size > 3 * int(np.prod(shape))  # the model asked for, not the linear one
 
 
 def test_help_lists_every_configuration_key(capsys):
