@@ -119,6 +119,9 @@ class ResNet20(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+# The smallest image side each CNN leaves at least one pixel of after its convolutions and pools.
+SMALLEST_SIDE = {"zenke-cnn": 10, "acar-cnn": 16}
+
 MODELS = {
     "softmax": softmax_regression,
     "linear": linear_regression,
@@ -135,4 +138,9 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **optio
         raise ValueError(f"model: unknown {name!r}; allowed: {', '.join(MODELS)}")
     if name in ("zenke-cnn", "acar-cnn", "resnet20") and len(input_shape) != 3:
         raise ValueError(f"model: {name} needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    if name in SMALLEST_SIDE and min(input_shape[1:]) < SMALLEST_SIDE[name]:
+        side = SMALLEST_SIDE[name]
+        raise ValueError(f"model: {name} needs images of at least {side}x{side} pixels (its pooling leaves "
+                         f"nothing of a smaller one), got {input_shape[1]}x{input_shape[2]}; allowed: larger "
+                         "images, or mlp or softmax")  # fmt: skip
     return MODELS[name](tuple(input_shape), num_classes, **options)

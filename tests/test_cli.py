@@ -185,6 +185,7 @@ BAD_INPUTS = [
     (["--strategy", "fedlap", "--set", "family=dense"], "family: fedlap has the isotropic family"),
     # models, devices and data that cannot work together
     (["--dataset", "synthetic-logistic", "--model", "zenke-cnn"], "model: zenke-cnn needs image inputs"),
+    (["--dataset", "digits", "--model", "acar-cnn"], "model: acar-cnn needs images of at least 16x16 pixels"),
     (["--dataset", "synthetic-logistic", "--model", "resnet20"], "model: resnet20"),
     (["--set", "device=cuda"], "device: cuda asked for, but this machine has"),
     (["--set", "device=cuda:3"], "device: cuda:3 asked for"),
@@ -240,7 +241,7 @@ def test_your_own_data_trains_any_classifier_on_its_own_clients(model, shape, tm
     np.savez(tmp_path / "own.npz", x=x[:180], y=y[:180], client=client[:180], x_test=x[180:], y_test=y[180:])
     out = tmp_path / "run"
     args = ["run", "--data", str(tmp_path / "own.npz"), "--model", model, "--num-clients", "3", "--strategy",
-            "fedavg", "--rounds", "2", "--set", "lr=0.01", "--out", str(out), "--quiet"]  # fmt: skip
+            "fedavg", "--rounds", "2", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["accuracy"] > 0.5, summary  # chance: 1/3

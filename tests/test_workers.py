@@ -52,6 +52,20 @@ def test_two_workers_give_one_workers_numbers_bit_for_bit(strategy, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "ivon-admm"])
+def test_a_model_with_dropout_gives_the_same_numbers_on_one_worker_and_two(strategy, tmp_path):
+    """Dropout draws from torch's global stream, shared by the clients a worker runs: each client's training
+    seeds it from the client's own stream (it once followed the order clients met a worker in)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    x = (rng.standard_normal((200, 1, 10, 10)) + y.reshape(-1, 1, 1, 1)).astype(np.float32)
+    np.savez(tmp_path / "images.npz", x=x[:150], y=y[:150], client=np.arange(150) % 4, x_test=x[150:], y_test=y[150:])
+    config = config_for(strategy, tmp_path, data=str(tmp_path / "images.npz"), model="zenke-cnn", num_clients=4)
+    run(config.replace(workers=1, out=str(tmp_path / "one")))
+    run(config.replace(workers=2, out=str(tmp_path / "two")))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
 def test_faults_and_a_sampled_cohort_give_the_same_numbers_on_two_workers(tmp_path):
     config = config_for("ivon-admm", tmp_path, num_clients=8, rounds=4, fraction_train=0.5,
                         faults="raise=0.3,nan=0.1,timeout=0.15", client_timeout_s=3.0)  # fmt: skip

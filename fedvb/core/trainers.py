@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,17 @@ class TorchTrainer:
                 rows = order[start : start + size]
                 yield self.x[rows], self.y[rows]
 
+    @contextmanager
+    def _training(self, generator: torch.Generator) -> Iterator[None]:
+        """Train mode, with torch's global random stream seeded from the client's own and restored after.
+        Dropout draws from the global stream, which a worker process shares among all the clients it runs:
+        without this a model with dropout trained differently on 1 worker and on 2, and from run to run."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(generator.initial_seed())
+            self.model.train()
+            yield
+
     def steps_per_round(self) -> int:
         return self.settings.local_epochs * math.ceil(self.num_examples / self.settings.batch_size)
 
@@ -178,22 +190,22 @@ class TorchTrainer:
             quadratics = [quadratic] * len(params) if quadratic.ndim == 0 else [
                 a.view_as(p) for a, p in zip(torch.split(quadratic, sizes), params)
             ]  # fmt: skip
-        self.model.train()
-        for xb, yb in self._batches(generator):
-            opt.zero_grad()
-            loss = self.loss_sum(xb, yb) / xb.shape[0]
-            loss.backward()
-            if coupled:
-                with torch.no_grad():
-                    flat = torch.cat([p.reshape(-1) for p in params])
-                    gradient = penalty.family.matvec(quadratic, flat).sub_(linear)
-                    for param, piece in zip(params, torch.split(gradient, sizes)):
-                        param.grad.add_(piece.view_as(param), alpha=scale)
-            if by_parameter:
-                with torch.no_grad():
-                    for param, a, b in zip(params, quadratics, linears):
-                        param.grad.add_(torch.mul(a, param).sub_(b), alpha=scale)
-            opt.step()
+        with self._training(generator):
+            for xb, yb in self._batches(generator):
+                opt.zero_grad()
+                loss = self.loss_sum(xb, yb) / xb.shape[0]
+                loss.backward()
+                if coupled:
+                    with torch.no_grad():
+                        flat = torch.cat([p.reshape(-1) for p in params])
+                        gradient = penalty.family.matvec(quadratic, flat).sub_(linear)
+                        for param, piece in zip(params, torch.split(gradient, sizes)):
+                            param.grad.add_(piece.view_as(param), alpha=scale)
+                if by_parameter:
+                    with torch.no_grad():
+                        for param, a, b in zip(params, quadratics, linears):
+                            param.grad.add_(torch.mul(a, param).sub_(b), alpha=scale)
+                opt.step()
         return self.get_flat()
 
     # -- curvature -----------------------------------------------------------------------
@@ -344,13 +356,13 @@ class TorchTrainer:
             opt.reset_hessian(s.ivon_hess_init)
         if state:
             opt.restore_momentum(state["ivon_momentum"].to(self.device), int(state["ivon_step"].item()))
-        self.model.train()
-        for xb, yb in self._batches(batch_generator):
-            for _ in range(s.ivon_mc_samples):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad()
-                    (self.loss_sum(xb, yb) / xb.shape[0]).backward()
-            opt.step()
+        with self._training(batch_generator):
+            for xb, yb in self._batches(batch_generator):
+                for _ in range(s.ivon_mc_samples):
+                    with opt.sampled_params(train=True):
+                        opt.zero_grad()
+                        (self.loss_sum(xb, yb) / xb.shape[0]).backward()
+                opt.step()
         posterior = opt.posterior()
         momentum, step = opt.momentum_state()
         new_state = {"ivon_momentum": momentum.cpu(), "ivon_step": torch.tensor(float(step))}
