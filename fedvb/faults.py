@@ -25,6 +25,8 @@ __all__ = [
     "ATTACKS",
     "FAULT_KINDS",
     "attack_reply",
+    "attacks_now",
+    "before_attacking",
     "before_training",
     "choose_fault",
     "corrupt_reply",
@@ -111,6 +113,8 @@ ATTACKS = {
     "sites": "site_linear set to 1e6 and site_quadratic to -1e3 (strategies that send sites)",
     "examples": "num_examples set to 1e30 (all the weight of an example-weighted average)",
     "sign-flip": "every tensor's change from the server's mirrored and tenfold (mean -> m - 10 (mean - m))",
+    "silent": "no reply at all (the client raises before training): what a defence that refuses the attacker "
+    "leaves, the reference for the others",
 }
 
 
@@ -132,6 +136,20 @@ def parse_attack(spec: str) -> tuple[str, tuple[int, ...], bool]:
     return kind, chosen, when == "once"
 
 
+def attacks_now(spec: str, *, server_round: int, partition_id: int) -> str:
+    """The kind of attack this client makes in this round under ``spec`` ("" where it makes none)."""
+    kind, clients, once = parse_attack(spec)
+    if not kind or partition_id not in clients or (once and server_round != 1):
+        return ""
+    return kind
+
+
+def before_attacking(spec: str, *, server_round: int, partition_id: int) -> None:
+    """A ``silent`` attacker raises before it trains, so the server sees no reply from it."""
+    if attacks_now(spec, server_round=server_round, partition_id=partition_id) == "silent":
+        raise RuntimeError("attack: this client sends no reply")
+
+
 def attack_reply(
     spec: str,
     reply: dict[str, Tensor],
@@ -145,8 +163,8 @@ def attack_reply(
     ``consistent`` recomputes what the server checks against the crafted tensors (a BayesADMM reply's site
     from its posterior), so that the attack passes the screen and meets the server's bounds; the ``sites``
     attack is sent as crafted."""
-    kind, clients, once = parse_attack(spec)
-    if not kind or partition_id not in clients or (once and server_round != 1):
+    kind = attacks_now(spec, server_round=server_round, partition_id=partition_id)
+    if kind in ("", "silent"):
         return reply
     crafted = dict(reply)
     tensors = [k for k in reply if k != "num_examples"]

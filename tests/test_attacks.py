@@ -1,7 +1,10 @@
-"""One attacker of five, every crafted reply of fedvb.faults.ATTACKS, every round and once: the server never
-crashes, every run completes, the defences engage on every crafted reply, and where they hold (the table in
-the README, made by simulations/attacks.py) the final accuracy stays within 0.05 of the honest run's."""
+"""One attacker of five, every crafted reply of fedvb.faults.ATTACKS, every round and once, each strategy under its
+defence (simulations/attacks.py DEFENCES: clipping, or the trimmed mean where clipping does not hold): the server
+never crashes, every run completes, the clip engages on every crafted reply, and each crafted magnitude, site or
+example count leaves the final accuracy at most MARGIN (0.05) below the honest run's or below the run in which
+the attacker sent nothing (what any defence that refuses it leaves). The README's table is made by the script."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -11,20 +14,11 @@ from fedvb.config import BAYES_ADMM, STRATEGIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
 
-from attacks import CASES, attacked_run  # noqa: E402
+from attacks import CASES, CLIP, DEFENCES, MUST_HOLD, attacked_run, held, silent_case  # noqa: E402
 
 ROUNDS = 4
 # the attacks each strategy's replies can carry (sites: those that send sites or control variates)
 SENDS_SITES = (*BAYES_ADMM, "scaffold")
-# where the bounds hold the final accuracy within MARGIN of the honest run (measured; the README's table)
-HELD = {
-    "fedavg": ("huge", "takeover", "examples"),
-    "fedprox": ("huge", "takeover", "examples"),
-    "feddyn": ("huge", "takeover", "examples"),
-    "fedadmm": ("huge", "takeover", "examples"),
-    "fedlap-func": ("huge", "takeover", "sites", "examples"),
-}
-MARGIN = 0.05
 # A known hole (README, "Crafted replies"): a sign-flipped reply to the dense Newton variant passes the screen and
 # leaves every honest client's cavity not positive definite, so the run stops cleanly in round 2. Pinned, so that
 # the day the server checks the cavities it hands out this test says so.
@@ -32,13 +26,15 @@ STOPS = {("bayes-admm-newton", "sign-flip@0"), ("bayes-admm-newton", "sign-flip@
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_one_attacker_of_five_neither_crashes_nor_passes_unbounded(strategy, tmp_path):
+def test_one_attacker_of_five_neither_crashes_nor_moves_the_model_past_the_margin(strategy, tmp_path):
     honest = attacked_run(strategy, "honest", tmp_path)
-    assert honest["status"] != "stopped" and honest["clipped"] == 0  # honest replies are never clipped
+    assert honest["status"] == "completed" and honest["clipped"] == honest["honest_rejected"] == 0, honest
+    assert honest["outliers"] == honest["honest_outliers"] == 0, honest
+    silent: dict[str, dict] = {}  # the attacker-silent references, run where a case is not held by the honest run
     for case in CASES[1:]:
         kind = case.split("@")[0]
-        if kind == "sites" and strategy not in SENDS_SITES:
-            continue  # nothing to craft
+        if kind == "silent" or (kind == "sites" and strategy not in SENDS_SITES):
+            continue  # a reference, or nothing to craft
         result = attacked_run(strategy, case, tmp_path)
         if (strategy, case) in STOPS:
             assert result["status"] == "stopped" and result["reason"].startswith(
@@ -47,23 +43,20 @@ def test_one_attacker_of_five_neither_crashes_nor_passes_unbounded(strategy, tmp
             continue
         assert result["status"] in ("completed", "completed_with_losses"), (case, result)
         crafted = 1 if case.endswith(":once") else ROUNDS
-        if kind != "sign-flip":  # a mirrored change may lie within the bound; the others never do
+        if kind != "sign-flip" and DEFENCES[strategy] is CLIP:  # a mirrored change may lie within the bound
             assert result["rejected"] + result["clipped"] >= crafted, (case, result)
-        if kind in HELD.get(strategy, ()):
-            assert abs(result["accuracy"] - honest["accuracy"]) <= MARGIN, (case, result, honest)
+        if kind in MUST_HOLD and not held(result, honest, honest):
+            reference = silent_case(case)
+            if reference not in silent:
+                silent[reference] = attacked_run(strategy, reference, tmp_path)
+            assert held(result, honest, silent[reference]), (case, result, honest, silent[reference])
 
 
-# Where clipping does not hold the crafted magnitudes (the strategies whose sites keep what a clipped reply gave:
-# README, "Crafted replies"), the coordinate-wise trimmed mean does: no worse than MARGIN below the honest run under
-# the same combination (benchmarks/results/robust.md; a run may end above it, as the trimmed cohort differs).
-TRIMMED_HOLDS = ("fedlap-cov", "ivon-admm", "pvi")
-
-
-@pytest.mark.parametrize("strategy", TRIMMED_HOLDS)
-def test_the_trimmed_combination_holds_the_crafted_magnitudes_that_clipping_does_not(strategy, tmp_path):
-    honest = attacked_run(strategy, "honest", tmp_path, robust_clip=0.0, combine="trimmed")
-    assert honest["status"] == "completed" and honest["honest_rejected"] == 0, honest
-    for case in ("huge@0", "huge@0:once", "takeover@0", "takeover@0:once"):
-        result = attacked_run(strategy, case, tmp_path, robust_clip=0.0, combine="trimmed")
-        assert result["status"] in ("completed", "completed_with_losses"), (case, result)
-        assert result["accuracy"] >= honest["accuracy"] - MARGIN, (case, result, honest)
+@pytest.mark.parametrize(("strategy", "case"), [("fedavg", "huge@0"), ("ivon-admm", "takeover@0")])
+def test_with_no_defence_a_crafted_reply_is_named_an_outlier_not_taken_silently(strategy, case, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="fedvb")
+    undefended = {"robust_clip": 0.0, "combine": "mean"}  # the default
+    result = attacked_run(strategy, case, tmp_path, undefended)
+    assert result["outliers"] == ROUNDS and result["honest_outliers"] == 0, result
+    warnings = [r.getMessage() for r in caplog.records if "moved the model more than 1000 times" in r.getMessage()]
+    assert len(warnings) == ROUNDS and all("client(s) 0 " in w for w in warnings), warnings

@@ -6,7 +6,7 @@ import torch
 
 from fedvb.core.duality import aggregate
 from fedvb.core.gaussian import DENSE, DIAGONAL, ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError
-from fedvb.core.robust import MEAN, Combination, clip_to_cohort
+from fedvb.core.robust import MEAN, OUTLIER_FACTOR, Combination, beyond_cohort, clip_to_cohort
 
 CRAFTED = (1e30, -1e30, 1e6, 0.0)
 
@@ -113,3 +113,13 @@ def test_bad_combinations_are_refused_by_name():
         Combination("average")
     with pytest.raises(ValueError, match="combine_trim"):
         Combination("trimmed", trim=0.5)
+
+
+def test_an_outlier_is_a_change_beyond_the_factor_times_its_allowance():
+    assert OUTLIER_FACTOR == 1000.0
+    sizes = [10, 10, 10, 10, 10]
+    assert beyond_cohort([1, 2, 2, 3, 2001], sizes) == [False] * 4 + [True]  # median 2: allowance 2000
+    assert beyond_cohort([1, 2, 2, 3, 1999], sizes) == [False] * 5
+    # a client with twice the median's examples may move twice as far before it counts
+    assert beyond_cohort([1, 2, 2, 3, 3999], [10, 10, 10, 10, 20]) == [False] * 5
+    assert beyond_cohort([0, 1e30], [1, 1]) == [False, False]  # no honest majority to anchor a median

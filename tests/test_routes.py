@@ -71,6 +71,7 @@ def test_the_main_job_runs_as_written_and_gives_the_readme_numbers(tmp_path):
             else:  # torch's CPU kernels round by the CPU's vector width: the 4th digit may move between CPUs
                 assert abs(float(written) - result[key]) <= CPU_ROUNDING[key], (name, key, got)
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert not any(row["outliers"] for row in rows), name  # honest heterogeneity is no outlier
         measured = sum(r["wall_time_s"] for r in rows) / len(rows)
         assert float(seconds) / 3 <= measured <= 3 * float(seconds), (name, measured)  # a time, not a digit
     compared = (tmp_path / "runs/headline/compare/compare.md").read_text()

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from fedvb.clients.api import partition_of, partition_reply, reply_to
 from fedvb.core.trainers import TorchTrainer
 from fedvb.experiment import make_algorithm, make_trainer
-from fedvb.faults import attack_reply, before_training, choose_fault, corrupt_reply
+from fedvb.faults import attack_reply, before_attacking, before_training, choose_fault, corrupt_reply
 from fedvb.records import CONFIG_KEY, config_from_json
 
 __all__ = ["answer_train", "app", "make_client_app", "trainer_for"]
@@ -57,6 +57,7 @@ def answer_train(message: Message, context: Context, *, trainer: TorchTrainer | 
         config.faults, seed=config.seed, server_round=server_round, attempt=attempt, partition_id=partition_id
     )
     before_training(fault, config.client_timeout_s)
+    before_attacking(config.attack, server_round=server_round, partition_id=partition_id)
     algorithm = _algorithm(key)
 
     def tamper(reply, payload, state):

@@ -17,7 +17,7 @@ a docstring says "mean loss".
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from fedvb.core.client_solvers import ClientSolver
 from fedvb.core.client_store import ClientStore, SitesView
 from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError, sum_natural
-from fedvb.core.robust import MEAN, Combination, clip_to_cohort
+from fedvb.core.robust import MEAN, Combination, beyond_cohort, clip_to_cohort
 from fedvb.core.tensor_checks import all_close, all_finite
 from fedvb.core.trainers import TorchTrainer
 
@@ -71,6 +71,7 @@ class Algorithm(ABC):
     robust_clip = 0.0  # bound on one reply's change, in medians of the cohort's (fedvb.core.robust); 0: none
     combination: Combination = MEAN  # what replaces each average over the cohort (fedvb.core.robust)
     clipped: tuple = ()  # the clients whose replies the last server round clipped
+    outliers: tuple = ()  # the clients whose replies' changes were beyond the cohort's (fedvb.core.robust)
 
     @abstractmethod
     def init_server(self, initial_mean: Tensor, num_clients: int) -> ServerState: ...
@@ -117,12 +118,16 @@ class Algorithm(ABC):
     def bound(self, server: ServerState, replies: dict[Any, Arrays]) -> dict[Any, Arrays]:
         """The replies with each tensor's change (from the server's tensor of that name, else from zero)
         clipped to the cohort (:func:`fedvb.core.robust.clip_to_cohort`, ``robust_clip`` medians); the
-        clients clipped are left in :attr:`clipped`."""
+        clients clipped are left in :attr:`clipped`, the outliers (clipped or not) in :attr:`outliers`."""
         self.clipped = ()
-        if self.robust_clip <= 0 or len(replies) < 3:
-            return replies
         keys = [k for k in self.reply_shapes(server) if k != "num_examples"]
         sizes = [float(r["num_examples"]) for r in replies.values()]
+        self._watch(replies, sizes, [
+            [(r[k] - server.arrays[k] if k in server.arrays else r[k]).double().norm() for k in keys]
+            for r in replies.values()
+        ])  # fmt: skip
+        if self.robust_clip <= 0 or len(replies) < 3:
+            return replies
         bounded = {client: dict(reply) for client, reply in replies.items()}
         for key in keys:
             reference = server.arrays.get(key)
@@ -132,6 +137,13 @@ class Algorithm(ABC):
                     bounded[client][key] = clipped + reference if reference is not None else clipped
         self.clipped = tuple(c for c in replies if any(bounded[c][k] is not replies[c][k] for k in keys))
         return bounded
+
+    def _watch(self, replies: dict[Any, Arrays], sizes: list[float], norms: Iterable[Sequence[Tensor]]) -> None:
+        """:attr:`outliers`: the clients one of whose changes (``norms``, per reply and tensor, computed one
+        reply at a time) is beyond the cohort's (:func:`fedvb.core.robust.beyond_cohort`)."""
+        per_tensor = list(zip(*norms)) if replies else []
+        flags = [beyond_cohort(column, sizes) for column in per_tensor]
+        self.outliers = tuple(c for i, c in enumerate(replies) if any(f[i] for f in flags))
 
     def consistent_reply(self, payload: Arrays, state: Arrays, reply: Arrays) -> Arrays:
         """``reply`` with whatever the server checks against its other tensors recomputed from them (what a
@@ -293,12 +305,16 @@ class BayesADMM(Algorithm):
         ``(S_bar m_bar, S_bar)``, linear and quadratic part each clipped to the cohort (a convex combination, so
         the precision stays positive)."""
         self.clipped = ()
-        if self.robust_clip <= 0 or len(replies) < 3:
-            return replies
         family = self.preset.family
         centre = self._anchor(server.arrays).natural()
-        naturals = [Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values()]
         sizes = [float(r["num_examples"]) for r in replies.values()]
+        self._watch(replies, sizes, (
+            [(n.linear - centre.linear).double().norm(), (n.quadratic - centre.quadratic).double().norm()]
+            for n in (Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values())
+        ))  # fmt: skip
+        if self.robust_clip <= 0 or len(replies) < 3:
+            return replies
+        naturals = [Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values()]
         linear = [n.linear - centre.linear for n in naturals]
         quadratic = [n.quadratic - centre.quadratic for n in naturals]
         clipped_linear = clip_to_cohort(linear, sizes, self.robust_clip)

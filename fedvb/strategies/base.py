@@ -37,6 +37,7 @@ from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
 from fedvb.core.client_store import ClientStore, MemoryStore, check_manifest, restore_store
 from fedvb.core.driver import sample_participants
 from fedvb.core.gaussian import Gaussian
+from fedvb.core.robust import OUTLIER_FACTOR
 from fedvb.core.tensor_checks import all_finite
 from fedvb.experiment import initial_mean, make_algorithm, partition_sizes
 from fedvb.records import CONFIG_KEY, config_to_json, from_array_record, join_reply, to_array_record
@@ -221,6 +222,17 @@ class ReplyScreen:
         if known is not None and claimed != known:
             raise RejectedReply(f"num_examples: partition {partition} holds {known} examples, the reply says {claimed}")
 
+    def log_bounds(self, server_round: int, algorithm: Algorithm) -> None:
+        """Record the round's clipped and outlying replies (fedvb.core.robust), warning about outliers that
+        nothing bounded: a reply that moves the model far beyond the cohort is never taken in silence."""
+        self.round_log["clipped"] = list(algorithm.clipped)
+        self.round_log["outliers"] = list(algorithm.outliers)
+        unbounded = [c for c in algorithm.outliers if c not in algorithm.clipped]
+        if unbounded and algorithm.combination.rule == "mean":
+            log.warning("round %d: the replies of client(s) %s moved the model more than %g times the cohort's "
+                        "median change, unbounded (robust_clip = 0, combine = mean; see the README, 'Crafted "
+                        "replies')", server_round, ", ".join(map(str, unbounded)), OUTLIER_FACTOR)  # fmt: skip
+
     def commit_states(
         self, accepted: dict[int, tuple[Message | None, Arrays, Arrays]], algorithm: Algorithm, server: ServerState
     ) -> ServerState:
@@ -359,7 +371,7 @@ class AlgorithmStrategy(ReplyScreen, Strategy):
         if not all(all_finite(v) for v in new.arrays.values()):
             raise RoundFailed(f"round {server_round}: the aggregate is not finite; server state kept")
         self.server = self.commit_states(accepted, self.algorithm, new)
-        self.round_log["clipped"] = list(self.algorithm.clipped)
+        self.log_bounds(server_round, self.algorithm)
         count = sum(float(r["num_examples"]) for r in replies_by_client.values())
         return self.initial_arrays(), MetricRecord({"replies": len(accepted), "num-examples": count})
 

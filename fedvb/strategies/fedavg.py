@@ -75,7 +75,7 @@ class FedAvg(ReplyScreen, FlowerFedAvg):
             sizes = [float(reply["num_examples"]) for reply in bounded.values()]
             arrays = to_array_record({"mean": self.algorithm.combination.mean(means, sizes).to(self._mean)})
         self.commit_states(accepted, self.algorithm, server)
-        self.round_log["clipped"] = list(self.algorithm.clipped)
+        self.log_bounds(server_round, self.algorithm)
         if arrays is not None:
             self._mean = from_array_record(arrays)["mean"].to(self._mean)
         return arrays, metrics
