@@ -7,6 +7,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
 
 import duality  # noqa: E402
+import pytest  # noqa: E402
+
+from fedvb.data import dataset_available  # noqa: E402
+from tests.marks import IN_CI  # noqa: E402
 
 
 def test_duality_study_writes_results_with_one_round_exactness(tmp_path, capsys):
@@ -21,3 +25,19 @@ def test_duality_study_writes_results_with_one_round_exactness(tmp_path, capsys)
     assert float(damped[0]["mean_error"]) > 1e-4
     assert (tmp_path / "errors.png").stat().st_size > 10_000
     assert "softmax regression" in capsys.readouterr().out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted([*ROOT.glob("configs/*.toml"), *ROOT.glob("simulations/*.toml")])
+
+
+@pytest.mark.parametrize("toml", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_published_experiment_file_is_a_valid_runnable_configuration(toml):
+    """What the README and the studies tell users to run loads, validates and finds its data and model."""
+    from fedvb.config import RunConfig
+    from fedvb.experiment import check_runnable
+
+    config = RunConfig.from_sources(toml, {})
+    if not IN_CI and not dataset_available(config.dataset):
+        pytest.skip(f"dataset files not found: {config.dataset}")
+    check_runnable(config)
