@@ -135,6 +135,16 @@ class RunConfig:
     )  # fmt: skip
     batch_size: int = field(default=0, metadata=_meta("local minibatch size", min=1))
     optimizer: str = field(default="", metadata=_meta("MAP optimizer", choices=OPTIMIZERS))
+    weight_decay: float = field(
+        default=0.0,
+        metadata=_meta("MAP clients: the optimizer's L2 weight decay (torch's weight_decay; the papers' code gives "
+                       "FedDyn's Adam its local prior precision here); 0: none", ge=0),
+    )  # fmt: skip
+    grad_clip: float = field(
+        default=0.0,
+        metadata=_meta("MAP clients: each step's gradient clipped to this norm (the papers' CIFAR-10 Acar-CNN "
+                       "baselines use 10); 0: none", ge=0),
+    )  # fmt: skip
     hidden: str = field(default="200,100", metadata=_meta("MLP hidden sizes, comma-separated"))
     activation: str = field(default="sigmoid", metadata=_meta("MLP activation (sigmoid, relu, tanh, gelu)"))
     proximal_mu: float = field(default=0.01, metadata=_meta("FedProx mu", ge=0))

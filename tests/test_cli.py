@@ -186,6 +186,8 @@ BAD_INPUTS = [
     # models, devices and data that cannot work together
     (["--dataset", "synthetic-logistic", "--model", "zenke-cnn"], "model: zenke-cnn needs image inputs"),
     (["--dataset", "digits", "--model", "acar-cnn"], "model: acar-cnn needs images of at least 16x16 pixels"),
+    (["--set", "weight_decay=inf"], "weight_decay: must be a finite number, got inf"),
+    (["--set", "grad_clip=-1"], "grad_clip: must be >= 0, got -1.0"),
     (["--dataset", "synthetic-logistic", "--model", "resnet20"], "model: resnet20"),
     (["--set", "device=cuda"], "device: cuda asked for, but this machine has"),
     (["--set", "device=cuda:3"], "device: cuda:3 asked for"),

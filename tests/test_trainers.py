@@ -44,6 +44,46 @@ def test_cosine_schedule_is_torchs_cosine_annealing_stepped_once_per_round():
         scheduler.step()
 
 
+# -- the MAP step's weight decay and gradient clipping (the papers' code's options) -------------------------------
+
+
+def _map_trainer(optimizer: str, **settings):
+    from fedvb.core.trainers import LocalSettings, TorchTrainer
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (6,), 3, hidden=[5], activation="sigmoid").double()
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (40,), generator=generator)
+    local = LocalSettings(lr=0.05, local_epochs=3, batch_size=8, optimizer=optimizer, **settings)
+    return TorchTrainer(model, x, y, "classification", local)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_is_the_isotropic_penalty_of_precision_decay_times_n_over_tau(optimizer):
+    """The map step descends mean loss + (tau / N) penalty, so torch's weight decay w is the isotropic penalty
+    A = w N / tau with no linear part: the two runs agree to float rounding."""
+    from fedvb.core.gaussian import ISOTROPIC, NaturalParams
+
+    decayed = _map_trainer(optimizer, weight_decay=0.3)
+    start = decayed.get_flat().clone()
+    by_decay = decayed.map(start, None, temperature=0.5, generator=torch.Generator().manual_seed(2))
+    plain = _map_trainer(optimizer)
+    penalty = NaturalParams(torch.zeros_like(start), torch.tensor(0.3 * 40 / 0.5, dtype=start.dtype), ISOTROPIC)
+    by_penalty = plain.map(start, penalty, temperature=0.5, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(by_decay, by_penalty, rtol=1e-10, atol=1e-12)
+    assert (by_decay - start).abs().max() > 1e-3  # it trained
+
+
+def test_a_clipped_sgd_step_moves_at_most_lr_times_the_clip():
+    clip, steps = 1e-3, 3 * 5  # 3 epochs of 5 batches
+    trainer = _map_trainer("sgd", grad_clip=clip)
+    start = trainer.get_flat().clone()
+    end = trainer.map(start, None, generator=torch.Generator().manual_seed(2))
+    assert 0 < (end - start).norm() <= steps * 0.05 * clip * (1 + 1e-9)
+    unclipped = _map_trainer("sgd").map(start, None, generator=torch.Generator().manual_seed(2))
+    assert (unclipped - start).norm() > 10 * steps * 0.05 * clip  # the clip, not the data, held it
+
+
 # -- the diagonal GGN of the Laplace clients ---------------------------------------------------------------------
 
 

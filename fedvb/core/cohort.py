@@ -265,6 +265,8 @@ def _group_key(request: _Request, trainer: TorchTrainer) -> tuple | str:
         penalty = kwargs["penalty"]
         if penalty is not None and not penalty.family.coordinatewise:
             return f"its penalty is {penalty.family.name}, not coordinate-wise"
+        if trainer.settings.weight_decay > 0 or trainer.settings.grad_clip > 0:
+            return "its optimizer decays weights or clips gradients, which the engine does not vectorise"
         optimizer = kwargs["optimizer"] or trainer.settings.optimizer
         return ("map", optimizer, float(kwargs["temperature"]), *common)
     s = trainer.settings

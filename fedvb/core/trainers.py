@@ -68,6 +68,8 @@ class LocalSettings:
     local_epochs: int = 1
     batch_size: int = 32
     optimizer: str = "adam"  # or "sgd"
+    weight_decay: float = 0.0  # the MAP optimizer's L2 decay (torch's weight_decay)
+    grad_clip: float = 0.0  # each MAP step's gradient clipped to this norm; 0: none
     ivon_hess_init: float = 0.1
     ivon_beta2: float = 0.99995
     ivon_mc_samples: int = 1
@@ -76,13 +78,16 @@ class LocalSettings:
     curvature: str = "exact"  # or "mc": one label drawn per example (see TorchTrainer.curvature)
 
 
-def make_optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    kind: str, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """``adam`` is torch's fused Adam (one kernel for all parameters; the default single-tensor Adam is
-    1.7-2.1x slower per whole step on the papers' MLP), ``sgd`` plain SGD. tests/test_trainers.py pins the
-    fused Adam to the single-tensor one within float tolerance."""
+    1.7-2.1x slower per whole step on the papers' MLP), ``sgd`` plain SGD; both with torch's L2
+    ``weight_decay`` (Adam's is added to the gradient, as the papers' code uses it, not AdamW's).
+    tests/test_trainers.py pins the fused Adam to the single-tensor one within float tolerance."""
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    return torch.optim.SGD(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
 class TorchTrainer:
@@ -170,7 +175,7 @@ class TorchTrainer:
         self.set_flat(start)
         params = self._params()
         kind = optimizer or self.settings.optimizer
-        opt = make_optimizer(kind, params, self.lr)
+        opt = make_optimizer(kind, params, self.lr, self.settings.weight_decay)
         scale = temperature / self.num_examples
         if penalty is not None:
             quadratic = penalty.quadratic.to(self.device, self.dtype)
@@ -205,6 +210,8 @@ class TorchTrainer:
                     with torch.no_grad():
                         for param, a, b in zip(params, quadratics, linears):
                             param.grad.add_(torch.mul(a, param).sub_(b), alpha=scale)
+                if self.settings.grad_clip > 0:  # the whole step's gradient, penalty included, as the papers' code
+                    nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
                 opt.step()
         return self.get_flat()
 
