@@ -43,7 +43,8 @@ TOML = Path(__file__).with_name("fmnist_heterogeneous.toml")
 # the papers' own round 1 and damping (round_one_anchor = "prior", sites damped by 0.1 = 1/K: fedvb's FedLap
 # defaults, docs/algorithms.md §11; anchored at the initialisation with undamped sites it stayed near 0.31);
 # FedLap-Cov as FedLap (its own defaults: temperature 1, sites damped by 0.1, the reference code's FedLap-Cov
-# damping, round 1 at the prior; undamped it overshoots on this MLP: docs/algorithms.md §10); FedLap-KFAC as in
+# damping, round 1 at the prior; undamped it overshoots on this MLP: docs/algorithms.md §10), and FedLap-Func too
+# (its server's function-space fit at its defaults: 256 held-out inputs, 50 Adam steps); FedLap-KFAC as in
 # benchmarks/results/kronecker_fmnist (round 1 anchored at the initialisation).
 COMMON = {"lr": 1e-3, "batch_size": 64}
 BASELINE = {
@@ -52,6 +53,7 @@ BASELINE = {
     "feddyn": {**COMMON, "feddyn_alpha": 1e-4},
     "fedlap": {**COMMON, "temperature": 1.0, "damping": 0.1, "round_one_anchor": "prior"},
     "fedlap-cov": {**COMMON, "temperature": 1.0, "damping": 0.1, "round_one_anchor": "prior"},
+    "fedlap-func": {**COMMON, "temperature": 1.0, "damping": 0.1, "round_one_anchor": "prior"},
     "fedlap-kfac": {**COMMON, "temperature": 1.0, "damping": 0.1, "round_one_anchor": "init"},
 }
 BOUND = 10.0
