@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedvb.config import applies, at_strategy_default
+from fedvb.config import ConfigError, RunConfig, applies, at_strategy_default
 from fedvb.plots import plot_comparison
 
 __all__ = ["COLUMNS", "Run", "compare_runs", "load_run"]
@@ -64,9 +64,22 @@ def load_run(path: str | Path) -> Run:
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         raise ValueError(f"runs: {folder} is not a finished run folder (no {', '.join(missing)})")
-    config = tomllib.loads(needed[0].read_text())
+    config = _with_keys_added_since(tomllib.loads(needed[0].read_text()))
     rows = [json.loads(line) for line in needed[1].read_text().splitlines() if line.strip()]
     return Run(folder, config, rows, {**_from_rows(rows), **json.loads(needed[2].read_text())})
+
+
+def _with_keys_added_since(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration with each key fedvb gained after the run was made, at the value that run took:
+    the key's default for its strategy (else two runs of one setting would differ by a key one of them lacks)."""
+    missing = [key for key in RunConfig.__dataclass_fields__ if key not in config]
+    if not missing:
+        return config
+    try:
+        defaults = RunConfig.from_mapping({k: config[k] for k in ("strategy", "num_clients") if k in config})
+    except ConfigError:
+        return config
+    return {**config, **{key: getattr(defaults, key) for key in missing}}
 
 
 def _from_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
