@@ -133,3 +133,18 @@ def test_bytes_and_rounds_to_target_are_what_was_sent_and_reached(tmp_path):
     reached = [r["round"] for r in rows if r["accuracy"] >= 0.7]
     assert summary["rounds_to_target"] == (reached[0] if reached else None)
     assert summary["bytes_total"] == sum(r["bytes_up"] + r["bytes_down"] for r in rows)
+
+
+def test_a_run_made_before_a_key_existed_compares_as_the_same_setting(tmp_path):
+    from fedvb.compare import load_run
+
+    config = RunConfig(strategy="fedlap", num_clients=4, out=str(tmp_path / "old"))
+    folder = tmp_path / "old"
+    folder.mkdir()
+    lines = config.to_toml().splitlines()
+    saved = "\n".join(line for line in lines if not line.startswith(("weight_decay", "damping")))
+    (folder / "config.toml").write_text(saved)
+    (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5}) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"round": 1, "accuracy": 0.5}))
+    loaded = load_run(folder).config
+    assert loaded["weight_decay"] == 0.0 and loaded["damping"] == 0.25  # fedlap's 1/K at K = 4
