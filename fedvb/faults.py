@@ -15,7 +15,6 @@ only), to test and show what the server's screen and bounds hold
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -110,7 +109,7 @@ def corrupt_reply(kind: str | None, reply: dict[str, Tensor]) -> dict[str, Tenso
 ATTACKS = {
     "huge": "every tensor of the reply (the example count aside) set to 1e10, precisions to 1e30",
     "takeover": "the mean set to a chosen vector (all 5.0) with a precision of 1e30, where there is one",
-    "sites": "site_linear set to 1e6 and site_quadratic to -1e3 (strategies that send sites)",
+    "sites": "a sent control variate (SCAFFOLD's delta_control) set to 1e6; BayesADMM replies carry no site",
     "examples": "num_examples set to 1e30 (all the weight of an example-weighted average)",
     "sign-flip": "every tensor's change from the server's mirrored and tenfold (mean -> m - 10 (mean - m))",
     "silent": "no reply at all (the client raises before training): what a defence that refuses the attacker "
@@ -157,12 +156,8 @@ def attack_reply(
     *,
     server_round: int,
     partition_id: int,
-    consistent: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda reply: reply,
 ) -> dict[str, Tensor]:
-    """The reply as the attack ``spec`` crafts it, for the clients and rounds it names (else unchanged).
-    ``consistent`` recomputes what the server checks against the crafted tensors (a BayesADMM reply's site
-    from its posterior), so that the attack passes the screen and meets the server's bounds; the ``sites``
-    attack is sent as crafted."""
+    """The reply as the attack ``spec`` crafts it, for the clients and rounds it names (else unchanged)."""
     kind = attacks_now(spec, server_round=server_round, partition_id=partition_id)
     if kind in ("", "silent"):
         return reply
@@ -178,9 +173,8 @@ def attack_reply(
         if "precision" in reply:
             crafted["precision"] = torch.full_like(reply["precision"], 1e30)
     elif kind == "sites":
-        for name, value in (("site_linear", 1e6), ("site_quadratic", -1e3), ("delta_control", 1e6)):
-            if name in reply:
-                crafted[name] = torch.full_like(reply[name], value)
+        if "delta_control" in reply:
+            crafted["delta_control"] = torch.full_like(reply["delta_control"], 1e6)
     elif kind == "examples":
         crafted["num_examples"] = torch.tensor(1e30)
     else:  # sign-flip
@@ -190,4 +184,4 @@ def attack_reply(
                 crafted[name] = centre - 10.0 * (reply[name] - centre)
             elif "precision" not in name and "quadratic" not in name:
                 crafted[name] = -10.0 * reply[name]
-    return crafted if kind == "sites" else consistent(crafted)
+    return crafted

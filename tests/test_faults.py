@@ -9,6 +9,7 @@ import torch
 
 from fedvb.backends import run
 from fedvb.config import RunConfig
+from fedvb.core.client_store import MemoryStore
 from fedvb.core.driver import sample_participants
 from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer
 from fedvb.faults import FAULT_KINDS, choose_fault, corrupt_reply, parse_faults
@@ -35,16 +36,16 @@ def mean_without_faulty_replies(config: RunConfig) -> torch.Tensor:
     """The plain loop in which every client hit by a fault in attempt 0 simply does not reply."""
     algorithm = make_algorithm(config)
     trainers = [make_trainer(config, k) for k in range(config.num_clients)]
-    server = algorithm.init_server(initial_mean(config), config.num_clients)
-    states = [{} for _ in trainers]
+    store = MemoryStore()  # each client's state as the server keeps it (its site is the server's record)
+    server = algorithm.attach(algorithm.init_server(initial_mean(config), config.num_clients), store)
     for r in range(1, config.rounds + 1):
-        payload, replies = algorithm.payload(server), {}
+        payload, replies, states = algorithm.payload(server), {}, {}
         for k in sample_participants(config.num_clients, config.fraction_train, seed=config.seed, server_round=r):
             if choose_fault(config.faults, seed=config.seed, server_round=r, attempt=0, partition_id=k) is None:
                 replies[k], states[k] = algorithm.client_round(
-                    payload, states[k], trainers[k], generator=client_generator(config, r, k)
+                    payload, store.get(k), trainers[k], generator=client_generator(config, r, k)
                 )
-        server = algorithm.server_round(server, replies, config.num_clients)
+        server = algorithm.commit(algorithm.server_round(server, replies, config.num_clients), states, store)
     return algorithm.server_mean(server)
 
 

@@ -124,11 +124,11 @@ def test_bytes_and_rounds_to_target_are_what_was_sent_and_reached(tmp_path):
     run(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     dim = len(np.load(tmp_path / "posterior.npz")["mean"])
-    # down: mean, precision (float64) and the round counter to each of 5 clients; up: mean, precision and
-    # the two site vectors (float64) from each
+    # down: mean, precision (float64) and the round counter to each of 5 clients; up: mean and precision
+    # (float64) from each, no site (the server computes the sites)
     for row in rows:
         assert 5 * 8 * (2 * dim + 1) <= row["bytes_down"] <= 5 * (8 * (2 * dim + 1) + 1024)
-        assert 5 * 8 * 4 * dim <= row["bytes_up"] <= 5 * (8 * 4 * dim + 1024)
+        assert 5 * 8 * 2 * dim <= row["bytes_up"] <= 5 * (8 * 2 * dim + 1024)
     summary = json.loads((tmp_path / "summary.json").read_text())
     reached = [r["round"] for r in rows if r["accuracy"] >= 0.7]
     assert summary["rounds_to_target"] == (reached[0] if reached else None)

@@ -61,11 +61,8 @@ def answer_train(message: Message, context: Context, *, trainer: TorchTrainer | 
     algorithm = _algorithm(key)
 
     def tamper(reply, payload, state):
-        def consistent(crafted):
-            return algorithm.consistent_reply(payload, state, crafted)
-
         return attack_reply(config.attack, corrupt_reply(fault, reply), payload, server_round=server_round,
-                            partition_id=partition_id, consistent=consistent)  # fmt: skip
+                            partition_id=partition_id)  # fmt: skip
 
     trainer = trainer if trainer is not None else _trainer(key, partition_id)
     return reply_to(message, config, algorithm, trainer, partition_id, tamper=tamper)
