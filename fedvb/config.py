@@ -19,7 +19,7 @@ from fedvb.core import client_solvers, gaussian
 from fedvb.core.algorithms import ROUND_ONE_ANCHORS
 from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM, COMMON_DEFAULTS, DEFAULTS, default_value
 from fedvb.core.robust import COMBINATIONS
-from fedvb.core.trainers import CURVATURES, LR_SCHEDULES
+from fedvb.core.trainers import CURVATURES, LR_SCHEDULES, OPTIMIZER_STATES
 
 __all__ = [
     "STRATEGIES",
@@ -144,6 +144,12 @@ class RunConfig:
         default=0.0,
         metadata=_meta("MAP clients: each step's gradient clipped to this norm (the papers' CIFAR-10 Acar-CNN "
                        "baselines use 10); 0: none", ge=0),
+    )  # fmt: skip
+    optimizer_state: str = field(
+        default="fresh",
+        metadata=_meta("MAP clients' Adam each round: fresh (a new one, the textbook) or kept (its moments and step "
+                       "count carried in the client's state from its last round, as the papers' code)",
+                       choices=OPTIMIZER_STATES),
     )  # fmt: skip
     hidden: str = field(default="200,100", metadata=_meta("MLP hidden sizes, comma-separated"))
     activation: str = field(default="sigmoid", metadata=_meta("MLP activation (sigmoid, relu, tanh, gelu)"))

@@ -188,6 +188,7 @@ BAD_INPUTS = [
     (["--dataset", "digits", "--model", "acar-cnn"], "model: acar-cnn needs images of at least 16x16 pixels"),
     (["--set", "weight_decay=inf"], "weight_decay: must be a finite number, got inf"),
     (["--set", "grad_clip=-1"], "grad_clip: must be >= 0, got -1.0"),
+    (["--set", "optimizer_state=warm"], "optimizer_state: got 'warm'; allowed: 'fresh', 'kept'"),
     (["--dataset", "synthetic-logistic", "--model", "resnet20"], "model: resnet20"),
     (["--set", "device=cuda"], "device: cuda asked for, but this machine has"),
     (["--set", "device=cuda:3"], "device: cuda:3 asked for"),

@@ -74,8 +74,9 @@ def test_every_vectorised_algorithm_gives_the_loops_numbers(strategy):
         ("ivon-admm", {"ivon_mc_samples": 2}),  # the averages over Monte Carlo samples
         ("ivon-admm", {"ivon_kernel": "torch"}),  # torch's kernels instead of the native ones
         ("fedavg", {"optimizer": "sgd", "batch_size": 7}),  # SGD; most batches short of the batch size at the end
+        ("fedprox", {"optimizer_state": "kept"}),  # Adam carried across rounds: each client trains alone
     ],
-    ids=["ivon-two-samples", "ivon-torch-kernels", "sgd-odd-batch"],
+    ids=["ivon-two-samples", "ivon-torch-kernels", "sgd-odd-batch", "kept-adam"],
 )
 def test_the_loops_numbers_under_other_settings(strategy, changes):
     config = config_for(strategy, **changes)

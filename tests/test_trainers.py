@@ -84,6 +84,49 @@ def test_a_clipped_sgd_step_moves_at_most_lr_times_the_clip():
     assert (unclipped - start).norm() > 10 * steps * 0.05 * clip  # the clip, not the data, held it
 
 
+def test_a_kept_adam_state_continues_one_adam_across_rounds():
+    """optimizer_state = "kept" (the papers' code): round 2's Adam starts from round 1's moments and step count,
+    so two rounds are one torch Adam (single-tensor) run over both rounds' batches; a fresh Adam is not."""
+    trainer = _map_trainer("adam", optimizer_state="kept")
+    start = trainer.get_flat().clone()
+    trainer.carry_optimizer({})
+    middle = trainer.map(start, None, generator=torch.Generator().manual_seed(2))
+    carried = trainer.carried_optimizer()
+    assert set(carried) == {"adam_step", "adam_exp_avg", "adam_exp_avg_sq"} and float(carried["adam_step"]) == 15
+    trainer.carry_optimizer(carried)
+    end = trainer.map(middle, None, generator=torch.Generator().manual_seed(3))
+    assert float(trainer.carried_optimizer()["adam_step"]) == 30
+
+    reference = _map_trainer("adam").model  # the same initial weights, then one Adam over both rounds
+    optimizer = torch.optim.Adam(reference.parameters(), lr=0.05, foreach=False)
+    x, y = trainer.x, trainer.y
+    for seed in (2, 3):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(3):  # local epochs
+            order = torch.randperm(40, generator=generator)
+            for rows in order.split(8):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(reference(x[rows]), y[rows]).backward()
+                optimizer.step()
+    expected = torch.nn.utils.parameters_to_vector(reference.parameters()).detach()
+    torch.testing.assert_close(end, expected, rtol=1e-9, atol=1e-11)
+
+    fresh = _map_trainer("adam")
+    assert fresh.carried_optimizer() == {}
+    again = fresh.map(middle, None, generator=torch.Generator().manual_seed(3))
+    assert fresh.carried_optimizer() == {} and (again - expected).abs().max() > 1e-4  # a new Adam goes elsewhere
+
+
+def test_a_carried_adam_state_that_does_not_fit_the_model_is_refused():
+    trainer = _map_trainer("adam", optimizer_state="kept")
+    dim = trainer.get_flat().numel()
+    wrong = {"adam_step": torch.tensor(3.0, dtype=torch.float64), "adam_exp_avg": torch.zeros(dim + 1),
+             "adam_exp_avg_sq": torch.zeros(dim + 1)}  # fmt: skip
+    trainer.carry_optimizer(wrong)
+    with pytest.raises(ValueError, match="adam_exp_avg"):
+        trainer.map(trainer.get_flat(), None, generator=torch.Generator().manual_seed(2))
+
+
 # -- the diagonal GGN of the Laplace clients ---------------------------------------------------------------------
 
 

@@ -66,6 +66,25 @@ def test_a_model_with_dropout_gives_the_same_numbers_on_one_worker_and_two(strat
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.parametrize("strategy", ["feddyn", "fedlap"])
+def test_a_kept_adam_state_travels_with_the_client_and_gives_the_same_numbers_on_two_workers(strategy, tmp_path):
+    """optimizer_state = "kept": each client's Adam state goes out with its message and back in its state, is
+    kept in the run folder's client rows beside the algorithm's own state (FedDyn's g, FedLap's site), and
+    changes the numbers from a fresh Adam's; one worker and two agree bit for bit."""
+    config = config_for(strategy, tmp_path, rounds=3, optimizer_state="kept")
+    run(config.replace(workers=1, out=str(tmp_path / "one")))
+    run(config.replace(workers=2, out=str(tmp_path / "two")))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert {"adam_step.bin", "adam_exp_avg.bin", "adam_exp_avg_sq.bin"} <= {
+        p.name for p in (tmp_path / "two" / "clients").iterdir()
+    }
+    run(config.replace(optimizer_state="fresh", workers=1, out=str(tmp_path / "fresh")))
+    fresh, kept = rows(tmp_path / "fresh"), rows(tmp_path / "one")
+    assert fresh[0]["nll"] == kept[0]["nll"]  # round 1: nothing carried yet
+    assert fresh[-1]["nll"] != kept[-1]["nll"]
+    assert kept[0]["state_bytes_written"] > fresh[0]["state_bytes_written"]  # the Adam rows
+
+
 def test_faults_and_a_sampled_cohort_give_the_same_numbers_on_two_workers(tmp_path):
     config = config_for("ivon-admm", tmp_path, num_clients=8, rounds=4, fraction_train=0.5,
                         faults="raise=0.3,nan=0.1,timeout=0.15", client_timeout_s=3.0)  # fmt: skip

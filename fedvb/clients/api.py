@@ -32,7 +32,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import Tensor, nn
 
 from fedvb.config import RunConfig
-from fedvb.core.algorithms import Algorithm
+from fedvb.core.algorithms import Algorithm, client_step
 from fedvb.core.trainers import TorchTrainer
 from fedvb.experiment import client_generator, local_settings, make_algorithm, round_lr
 from fedvb.records import CONFIG_KEY, config_from_json, from_array_record, split_reply, to_array_record
@@ -92,8 +92,8 @@ def reply_to(
     state = from_array_record(message.content["state"]) if "state" in message.content else {}
     payload = from_array_record(message.content["payload"])
     trainer.begin_round(round_lr(config, server_round))
-    reply, new_state = algorithm.client_round(
-        payload, state, trainer, generator=client_generator(config, server_round, partition)
+    reply, new_state = client_step(
+        algorithm, payload, state, trainer, generator=client_generator(config, server_round, partition)
     )
     if tamper is not None:
         reply = tamper(reply, payload, state)

@@ -30,7 +30,7 @@ from fedvb.core.duality import Preset, aggregate
 from fedvb.core.gaussian import ISOTROPIC, Gaussian, NaturalParams, NonPositivePrecisionError, sum_natural
 from fedvb.core.robust import MEAN, Combination, beyond_cohort, clip_to_cohort
 from fedvb.core.tensor_checks import all_finite
-from fedvb.core.trainers import TorchTrainer
+from fedvb.core.trainers import CARRIED_OPTIMIZER, TorchTrainer
 
 __all__ = [
     "Algorithm",
@@ -43,6 +43,7 @@ __all__ = [
     "RejectedReply",
     "Scaffold",
     "ServerState",
+    "client_step",
 ]
 
 Arrays = dict[str, Tensor]
@@ -175,6 +176,18 @@ class Algorithm(ABC):
 
     def server_posterior(self, server: ServerState) -> Gaussian | None:
         return None
+
+
+def client_step(
+    algorithm: Algorithm, payload: Arrays, state: Arrays, trainer: TorchTrainer, *, generator: torch.Generator
+) -> tuple[Arrays, Arrays]:
+    """``algorithm.client_round`` as every driver runs it: the trainer's Adam state, where the run keeps it
+    (``optimizer_state = "kept"``), carried in the client's state under :data:`CARRIED_OPTIMIZER` beside
+    what the algorithm keeps, so that every MAP algorithm and the Laplace solver carry it alike."""
+    trainer.carry_optimizer({k: v for k, v in state.items() if k in CARRIED_OPTIMIZER})
+    own = {k: v for k, v in state.items() if k not in CARRIED_OPTIMIZER}
+    reply, new_state = algorithm.client_round(payload, own, trainer, generator=generator)
+    return reply, {**new_state, **trainer.carried_optimizer()}
 
 
 ROUND_ONE_ANCHORS = ("init", "prior")  # BayesADMM's round_one_anchor (docs/algorithms.md §2: round 1)

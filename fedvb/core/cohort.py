@@ -267,6 +267,8 @@ def _group_key(request: _Request, trainer: TorchTrainer) -> tuple | str:
             return f"its penalty is {penalty.family.name}, not coordinate-wise"
         if trainer.settings.weight_decay > 0 or trainer.settings.grad_clip > 0:
             return "its optimizer decays weights or clips gradients, which the engine does not vectorise"
+        if trainer.settings.optimizer_state == "kept":
+            return "its Adam state is carried across rounds, which the engine does not vectorise"
         optimizer = kwargs["optimizer"] or trainer.settings.optimizer
         return ("map", optimizer, float(kwargs["temperature"]), *common)
     s = trainer.settings

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState
+from fedvb.core.algorithms import Algorithm, RejectedReply, ServerState, client_step
 from fedvb.core.client_store import MemoryStore
 from fedvb.core.cohort import CohortEngine
 from fedvb.core.duality import Preset, aggregate
@@ -108,7 +108,7 @@ def run_plain_loop(
 
 
 def _client_step(algorithm: Algorithm, payload: dict, state: dict, generator: torch.Generator, trainer) -> tuple:
-    return algorithm.client_round(payload, state, trainer, generator=generator)
+    return client_step(algorithm, payload, state, trainer, generator=generator)
 
 
 def run_algorithm(

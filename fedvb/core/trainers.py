@@ -30,10 +30,22 @@ from fedvb.core.gaussian import DIAGONAL, Gaussian, NaturalParams
 from fedvb.core.ivon import IVON
 from fedvb.core.solvers import solve_linear_regression, solve_softmax_regression
 
-__all__ = ["CURVATURES", "LR_SCHEDULES", "LocalSettings", "TorchTrainer", "lr_in_round"]
+__all__ = [
+    "CARRIED_OPTIMIZER",
+    "CURVATURES",
+    "LR_SCHEDULES",
+    "OPTIMIZER_STATES",
+    "LocalSettings",
+    "TorchTrainer",
+    "lr_in_round",
+]
 
 LR_SCHEDULES = ("constant", "cosine")
 CURVATURES = ("exact", "mc")
+OPTIMIZER_STATES = ("fresh", "kept")  # a MAP client's Adam each round: new (the textbook), or its last round's
+# The names under which a client's state carries its Adam between rounds (optimizer_state = "kept"): the step
+# count and the two moments, each moment one flat vector over the trainable parameters in model order.
+CARRIED_OPTIMIZER = ("adam_step", "adam_exp_avg", "adam_exp_avg_sq")
 
 
 def _linear_layers(model: nn.Module) -> list[nn.Linear] | None:
@@ -70,6 +82,7 @@ class LocalSettings:
     optimizer: str = "adam"  # or "sgd"
     weight_decay: float = 0.0  # the MAP optimizer's L2 decay (torch's weight_decay)
     grad_clip: float = 0.0  # each MAP step's gradient clipped to this norm; 0: none
+    optimizer_state: str = "fresh"  # or "kept": Adam's moments and step count carried across rounds (map)
     ivon_hess_init: float = 0.1
     ivon_beta2: float = 0.99995
     ivon_mc_samples: int = 1
@@ -90,6 +103,37 @@ def make_optimizer(
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
+def _flat_adam(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, Tensor]:
+    """``optimizer``'s Adam state as :data:`CARRIED_OPTIMIZER`: the step count (float64, one per client: every
+    parameter takes each step) and each moment flattened over ``params`` in order, on the CPU."""
+    state = [optimizer.state[p] for p in params]
+    return {
+        "adam_step": torch.tensor(float(state[0]["step"]), dtype=torch.float64),
+        "adam_exp_avg": torch.cat([s["exp_avg"].reshape(-1) for s in state]).detach().cpu(),
+        "adam_exp_avg_sq": torch.cat([s["exp_avg_sq"].reshape(-1) for s in state]).detach().cpu(),
+    }
+
+
+def _load_adam(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], carried: dict[str, Tensor]) -> None:
+    """Put :func:`_flat_adam`'s state into a new Adam over ``params``, through ``load_state_dict`` (which casts
+    the step count as the fused kernel wants it). ``ValueError`` when the carried moments do not fit."""
+    sizes = [p.numel() for p in params]
+    moments = {}
+    for name in ("exp_avg", "exp_avg_sq"):
+        flat = carried[f"adam_{name}"]
+        if flat.shape != (sum(sizes),):
+            raise ValueError(f"the carried adam_{name} has shape {tuple(flat.shape)}, the model {sum(sizes)} values")
+        moments[name] = torch.split(flat, sizes)
+    step = float(carried["adam_step"])
+    saved = optimizer.state_dict()
+    saved["state"] = {
+        i: {"step": torch.tensor(step), "exp_avg": moments["exp_avg"][i].view_as(p).to(p),
+            "exp_avg_sq": moments["exp_avg_sq"][i].view_as(p).to(p)}
+        for i, p in enumerate(params)
+    }  # fmt: skip
+    optimizer.load_state_dict(saved)
+
+
 class TorchTrainer:
     """One client's data bound to a model; ``task`` is ``classification`` or ``regression``."""
 
@@ -102,10 +146,22 @@ class TorchTrainer:
         self.task = task
         self.settings = settings
         self.lr = settings.lr  # this round's learning rate: settings.lr under a schedule (begin_round)
+        self._carried_in: dict[str, Tensor] = {}  # the Adam state the next map starts from (carry_optimizer)
+        self._carried_out: dict[str, Tensor] = {}  # the Adam state the last map left (carried_optimizer)
 
     def begin_round(self, lr: float) -> None:
         """Train the coming round with learning rate ``lr`` (the round's value of the run's schedule)."""
         self.lr = lr
+
+    def carry_optimizer(self, state: dict[str, Tensor]) -> None:
+        """Start the next :meth:`map`'s Adam from ``state`` (names :data:`CARRIED_OPTIMIZER`, as
+        :meth:`carried_optimizer` gave them; empty: a fresh Adam) when ``optimizer_state = "kept"``."""
+        self._carried_in, self._carried_out = dict(state), {}
+
+    def carried_optimizer(self) -> dict[str, Tensor]:
+        """The Adam state the last :meth:`map` left under ``optimizer_state = "kept"`` (else empty): what the
+        client's state carries to its next round."""
+        return dict(self._carried_out)
 
     @property
     def num_examples(self) -> int:
@@ -176,6 +232,10 @@ class TorchTrainer:
         params = self._params()
         kind = optimizer or self.settings.optimizer
         opt = make_optimizer(kind, params, self.lr, self.settings.weight_decay)
+        keep = self.settings.optimizer_state == "kept" and kind == "adam"  # plain SGD holds no state
+        carried, self._carried_in, self._carried_out = self._carried_in, {}, {}
+        if keep and carried:
+            _load_adam(opt, params, carried)
         scale = temperature / self.num_examples
         if penalty is not None:
             quadratic = penalty.quadratic.to(self.device, self.dtype)
@@ -213,6 +273,8 @@ class TorchTrainer:
                 if self.settings.grad_clip > 0:  # the whole step's gradient, penalty included, as the papers' code
                     nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
                 opt.step()
+        if keep:
+            self._carried_out = _flat_adam(opt, params)
         return self.get_flat()
 
     # -- curvature -----------------------------------------------------------------------
