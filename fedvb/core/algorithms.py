@@ -123,17 +123,20 @@ class Algorithm(ABC):
         self.clipped = ()
         keys = [k for k in self.reply_shapes(server) if k != "num_examples"]
         sizes = [float(r["num_examples"]) for r in replies.values()]
-        self._watch(replies, sizes, [
-            [(r[k] - server.arrays[k] if k in server.arrays else r[k]).double().norm() for k in keys]
-            for r in replies.values()
-        ])  # fmt: skip
-        if self.robust_clip <= 0 or len(replies) < 3:
+        clipping = self.robust_clip > 0 and len(replies) >= 3
+        # each reply's change of each tensor, kept for the clip below only where it clips
+        changes = ([r[k] - server.arrays[k] if k in server.arrays else r[k] for k in keys] for r in replies.values())
+        if clipping:
+            changes = list(changes)
+        self._watch(replies, sizes, ([change.double().norm() for change in per_key] for per_key in changes))
+        if not clipping:
             return replies
         bounded = {client: dict(reply) for client, reply in replies.items()}
-        for key in keys:
+        for column, key in enumerate(keys):
             reference = server.arrays.get(key)
-            changes = [r[key] - reference if reference is not None else r[key] for r in replies.values()]
-            for client, change, clipped in zip(replies, changes, clip_to_cohort(changes, sizes, self.robust_clip)):
+            changes_of_key = [per_key[column] for per_key in changes]
+            clipped_changes = clip_to_cohort(changes_of_key, sizes, self.robust_clip)
+            for client, change, clipped in zip(replies, changes_of_key, clipped_changes):
                 if clipped is not change:  # only clipped tensors are rebuilt: the others stay bit for bit
                     bounded[client][key] = clipped + reference if reference is not None else clipped
         self.clipped = tuple(c for c in replies if any(bounded[c][k] is not replies[c][k] for k in keys))
@@ -296,15 +299,18 @@ class BayesADMM(Algorithm):
         family = self.preset.family
         centre = self._anchor(server.arrays).natural()
         sizes = [float(r["num_examples"]) for r in replies.values()]
-        self._watch(replies, sizes, (
-            [(n.linear - centre.linear).double().norm(), (n.quadratic - centre.quadratic).double().norm()]
-            for n in (Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values())
-        ))  # fmt: skip
-        if self.robust_clip <= 0 or len(replies) < 3:
+        clipping = self.robust_clip > 0 and len(replies) >= 3
+        naturals = (Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values())
+        changes = ((n.linear - centre.linear, n.quadratic - centre.quadratic) for n in naturals)
+        if clipping:  # the clip below reads them again; else they are made, measured and dropped one at a time
+            changes = list(changes)
+        self._watch(
+            replies, sizes, ([linear.double().norm(), quadratic.double().norm()] for linear, quadratic in changes)
+        )
+        if not clipping:
             return replies
-        naturals = [Gaussian(r["mean"], r["precision"], family).natural() for r in replies.values()]
-        linear = [n.linear - centre.linear for n in naturals]
-        quadratic = [n.quadratic - centre.quadratic for n in naturals]
+        linear = [change[0] for change in changes]
+        quadratic = [change[1] for change in changes]
         clipped_linear = clip_to_cohort(linear, sizes, self.robust_clip)
         clipped_quadratic = clip_to_cohort(quadratic, sizes, self.robust_clip)
         bounded, self.clipped = {}, ()
