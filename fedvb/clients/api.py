@@ -3,7 +3,7 @@
 The server (a fedvb strategy, e.g. :func:`fedvb.strategies.for_model`) sends each client the algorithm's
 payload, the client's own state (sites, duals, IVON momentum: the strategy holds them) and the run's
 configuration; :func:`train_reply` runs the algorithm's client step on your ``model`` and your ``x``,
-``y`` and returns the reply message, site update and state handled inside. :func:`partition_reply`
+``y`` and returns the reply message, the state handled inside. :func:`partition_reply`
 answers the server's one query (which partition this node holds)::
 
     app = ClientApp()

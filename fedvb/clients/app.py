@@ -4,9 +4,11 @@ The whole run configuration arrives in each message's ConfigRecord, so the
 same ClientApp serves the in-process backend, Ray actors and ``flwr run``.
 The client's private state (for BayesADMM presets the site, two model-sized
 vectors, plus momentum and a step counter with IVON; FedDyn and SCAFFOLD one
-vector, FedADMM two) arrives in the message's ``state`` record and the new
-state goes back beside the reply: the server commits it only when it accepts
-the reply, and checkpoints it (see :mod:`fedvb.strategies.base`).  Injected
+vector, FedADMM two; Adam's moments under ``optimizer_state = "kept"``)
+arrives in the message's ``state`` record and the new state goes back beside
+the reply, less a BayesADMM site, which the server computes from the reply:
+the server commits it only when it accepts the reply, and checkpoints it
+(see :mod:`fedvb.strategies.base`).  Injected
 faults (:mod:`fedvb.faults`) strike here.
 """
 
