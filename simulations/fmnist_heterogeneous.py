@@ -8,7 +8,8 @@ schedule), strategy by strategy and seed by seed, then one ``fedvb compare`` tab
 
 ``--toml simulations/fmnist_homogeneous.toml`` (with its own ``--out`` and ``--results``) runs the paper's
 homogeneous K = 10 setting the same way: the baselines keep the choices below and take that TOML's split,
-data and schedule (none there).
+data and schedule (none there); ``--toml simulations/uci_heart.toml --rounds 20`` the FedLap paper's Heart
+Disease setting.
 
 Each run goes to OUT/STRATEGY/seedN; a folder that already holds a finished run of the same configuration
 is kept, not run again, so an interrupted study continues. IVON-ADMM runs with the published settings
