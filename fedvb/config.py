@@ -103,6 +103,12 @@ class RunConfig:
         metadata=_meta("Dirichlet concentration of dirichlet, inner-dirichlet and papers-dirichlet (its class mix); "
                        "0: the scheme's default, 0.5", ge=0),
     )  # fmt: skip
+    class_counts: str = field(
+        default="",
+        metadata=_meta("partition class-counts: each client's rows of each class, classes separated by ';', clients "
+                       "by ',', N*R for N repeated R times (the papers' UCI Credit homogeneous split: '28*10; "
+                       "23*3,24*7')"),
+    )  # fmt: skip
     local_test_fraction: float = field(
         default=-1.0,
         metadata=_meta("share of each client's rows kept as its local test split; -1: 0.2 for named datasets, "

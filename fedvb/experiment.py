@@ -26,7 +26,15 @@ from fedvb.core.gaussian import Gaussian
 from fedvb.core.registry import ALGORITHMS, BayesADMMSpec
 from fedvb.core.robust import Combination
 from fedvb.core.trainers import LocalSettings, TorchTrainer, lr_in_round
-from fedvb.data import GENERATED, Dataset, load_dataset, local_test_split, partition_indices, plot_label_distribution
+from fedvb.data import (
+    GENERATED,
+    Dataset,
+    load_dataset,
+    local_test_split,
+    parse_class_counts,
+    partition_indices,
+    plot_label_distribution,
+)
 from fedvb.metrics import score
 from fedvb.models import build_model
 from fedvb.workers import SharedData, attach
@@ -74,7 +82,8 @@ FUNC_INPUTS = 256  # fedlap-func's default count of held-out server inputs (fewe
 def _key(config: RunConfig) -> str:
     """The configuration keys that decide data and model (cache key)."""
     keys = ("dataset", "data", "model", "num_clients", "seed", "data_dir", "preprocessing", "partition",
-            "partition_alpha", "hidden", "activation", "data_fraction", "local_test_fraction")  # fmt: skip
+            "partition_alpha", "class_counts", "hidden", "activation", "data_fraction",
+            "local_test_fraction")  # fmt: skip
     values = {k: getattr(config, k) for k in keys}
     values["linear_model"] = not config.model and _solves_exactly(config)  # the default model is then linear
     # fedlap-func's held-out inputs: the key's count (0: its default), none (-1) for every other strategy
@@ -181,7 +190,7 @@ def _prepare_cached(key: str) -> Prepared:
     scheme = config.partition
     if scheme == "auto":
         scheme = "natural" if dataset.natural_clients is not None else "papers-dirichlet"
-    options = _partition_options(scheme, config.partition_alpha)
+    options = _partition_options(scheme, config.partition_alpha, config.class_counts)
     source = np.arange(len(dataset.y_train))  # each kept training row's index in the dataset as read
     if scheme == "papers-dirichlet":
         options["fraction"] = config.data_fraction  # the reference takes its share per class, inside the split
@@ -221,7 +230,15 @@ def _prepare_cached(key: str) -> Prepared:
 ALPHA_OPTION = {"dirichlet": "alpha", "inner-dirichlet": "alpha", "papers-dirichlet": "class_alpha"}
 
 
-def _partition_options(scheme: str, alpha: float) -> dict:
+def _partition_options(scheme: str, alpha: float, class_counts: str = "") -> dict:
+    if (scheme == "class-counts") != bool(class_counts.strip()):
+        raise ConfigError("class_counts", "is given with partition 'class-counts' and only with it, as counts per "
+                                          "class and client like '28*10; 23*3,24*7'")  # fmt: skip
+    if class_counts.strip():
+        try:
+            return {"counts": parse_class_counts(class_counts)}
+        except ValueError as error:
+            raise ConfigError("class_counts", str(error).removeprefix("class_counts: ")) from None
     if alpha == 0:
         return {}
     if scheme not in ALPHA_OPTION:

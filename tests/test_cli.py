@@ -189,6 +189,8 @@ BAD_INPUTS = [
     (["--set", "weight_decay=inf"], "weight_decay: must be a finite number, got inf"),
     (["--set", "grad_clip=-1"], "grad_clip: must be >= 0, got -1.0"),
     (["--set", "optimizer_state=warm"], "optimizer_state: got 'warm'; allowed: 'fresh', 'kept'"),
+    (["--set", "class_counts=3*5"], "class_counts: is given with partition 'class-counts' and only with it"),
+    (["--set", "partition=class-counts", "--set", "class_counts=3*2; x"], "class_counts: expected counts like"),
     (["--dataset", "synthetic-logistic", "--model", "resnet20"], "model: resnet20"),
     (["--set", "device=cuda"], "device: cuda asked for, but this machine has"),
     (["--set", "device=cuda:3"], "device: cuda:3 asked for"),

@@ -12,6 +12,7 @@ from fedvb.data import (
     DataNotFoundError,
     load_dataset,
     local_test_split,
+    parse_class_counts,
     partition_indices,
     plot_label_distribution,
 )
@@ -223,6 +224,30 @@ def test_partitions_read_off_the_partitioner_equal_flwr_datasets_own_load_partit
     monkeypatch.setattr(partition_module, "_chosen_positions", lambda partitioner, size: None)
     loaded = partition_indices(labels, scheme, 7, seed=4, **options)
     assert [p.tolist() for p in fast] == [p.tolist() for p in loaded]
+
+
+def test_class_counts_gives_each_client_its_counts_of_each_class_in_class_order():
+    """The FedLap paper's UCI Credit heterogeneous split on its 286 / 237 training rows: class 0 [34]*5 + [22]*5,
+    class 1 [2]*5 + [45]*5; the rows left over stay unused; seeded."""
+    labels = np.array([0] * 286 + [1] * 237)
+    np.random.default_rng(0).shuffle(labels)
+    counts = parse_class_counts("34*5,22*5; 2*5,45*5")
+    assert counts == [[34] * 5 + [22] * 5, [2] * 5 + [45] * 5]
+    parts = partition_indices(labels, "class-counts", 10, seed=62, counts=counts)
+    for k, rows in enumerate(parts):
+        assert np.bincount(labels[rows], minlength=2).tolist() == [counts[0][k], counts[1][k]]
+        assert np.all(np.diff(labels[rows]) >= 0)  # class 0's slice, then class 1's
+    every = np.concatenate(parts)
+    assert len(every) == len(np.unique(every)) == 280 + 235
+    again = partition_indices(labels, "class-counts", 10, seed=62, counts=counts)
+    other = partition_indices(labels, "class-counts", 10, seed=63, counts=counts)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again)) and not np.array_equal(parts[0], other[0])
+    with pytest.raises(ValueError, match="class_counts: class 1 asks for 240 rows, the data has 237"):
+        partition_indices(labels, "class-counts", 10, seed=0, counts=parse_class_counts("1*10; 24*10"))
+    with pytest.raises(ValueError, match="class_counts: 1 classes given, the data has 2"):
+        partition_indices(labels, "class-counts", 10, seed=0, counts=parse_class_counts("1*10"))
+    with pytest.raises(ValueError, match="class_counts: expected counts like"):
+        parse_class_counts("28*x; 3")
 
 
 def test_two_class_split_gives_exactly_two_classes_of_300():

@@ -10,7 +10,7 @@ from fedvb.data.datasets import (
     stratified_split,
 )
 from fedvb.data.locate import DataNotFoundError, search_dirs
-from fedvb.data.partition import SCHEMES, local_test_split, partition_indices
+from fedvb.data.partition import SCHEMES, local_test_split, parse_class_counts, partition_indices
 from fedvb.data.plots import plot_label_distribution
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "dataset_available",
     "load_dataset",
     "local_test_split",
+    "parse_class_counts",
     "partition_indices",
     "plot_label_distribution",
     "search_dirs",

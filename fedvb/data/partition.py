@@ -15,6 +15,7 @@ natural           the data's own clients (e.g. UCI heart centres)               
 size              given client sizes (flwr)                                     sizes
 papers-dirichlet  sizes ~ Dir(size_alpha) x class mix ~ Dir(class_alpha)        size_alpha, class_alpha, fraction
 two-class         each client 2 classes x 300 points (papers' MNIST)            classes_per_client, p.p.c., m.h.
+class-counts      given counts per class and client (papers' UCI Credit)        counts
 ================  ============================================================  ==========================
 
 The last two are the papers' own (docs/data.md), not in flwr-datasets, and
@@ -31,7 +32,7 @@ import math
 
 import numpy as np
 
-__all__ = ["SCHEMES", "local_test_split", "partition_indices"]
+__all__ = ["SCHEMES", "local_test_split", "parse_class_counts", "partition_indices"]
 
 
 def _flwr_partition(partitioner, labels: np.ndarray, seed: int) -> list[np.ndarray]:
@@ -152,8 +153,52 @@ def _two_class(labels, num_clients, seed, classes_per_client=2, points_per_class
     return [np.concatenate([s[j] for j in sorted(s)]).astype(np.int64) for s in slices]
 
 
+def _class_counts(labels: np.ndarray, num_clients: int, seed: int, counts: list[list[int]]) -> list[np.ndarray]:
+    """``counts[j][k]`` rows of class j for client k: each class's rows in a seeded random order, dealt out in
+    consecutive slices, client 0 first (rows beyond a class's total stay unused). A client's rows: its per-class
+    slices in class order. ``ValueError`` naming ``class_counts`` where the counts do not fit the data."""
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    if len(counts) != classes:
+        raise ValueError(f"class_counts: {len(counts)} classes given, the data has {classes}")
+    for j, row in enumerate(counts):
+        available = int((labels == j).sum())
+        if len(row) != num_clients:
+            raise ValueError(f"class_counts: class {j} gives {len(row)} clients' counts, num_clients is {num_clients}")
+        if sum(row) > available:
+            raise ValueError(f"class_counts: class {j} asks for {sum(row)} rows, the data has {available}")
+    rng = np.random.RandomState(seed)
+    slices: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for j, row in enumerate(counts):
+        rows = rng.permutation(np.flatnonzero(labels == j))
+        ends = np.cumsum(row)
+        for k, (end, count) in enumerate(zip(ends, row)):
+            slices[k].append(rows[end - count : end])
+    return [np.concatenate(parts).astype(np.int64) for parts in slices]
+
+
+def parse_class_counts(text: str) -> list[list[int]]:
+    """``"28*10; 23*3,24*7"`` -> one list of client counts per class (classes separated by ``;``, clients by
+    ``,``; ``N*R``: N repeated R times). ``ValueError`` naming ``class_counts`` on anything else."""
+    counts = []
+    for part in text.split(";"):
+        row = []
+        for item in part.split(","):
+            item = item.strip()
+            value, _, repeat = item.partition("*")
+            try:
+                number, times = int(value), int(repeat) if repeat else 1
+            except ValueError:
+                raise ValueError(f"class_counts: expected counts like '28*10; 23*3,24*7', got {item!r}") from None
+            if number < 0 or times < 1:
+                raise ValueError(f"class_counts: counts must be >= 0 and repeats >= 1, got {item!r}")
+            row += [number] * times
+        counts.append(row)
+    return counts
+
+
 SCHEMES = (
     "iid", "dirichlet", "inner-dirichlet", "pathological", "shard", "natural", "size", "papers-dirichlet", "two-class",
+    "class-counts",
 )  # fmt: skip
 
 
@@ -178,6 +223,8 @@ def partition_indices(
         return _papers_dirichlet(labels, num_clients, seed, **options)
     if scheme == "two-class":
         return _two_class(labels, num_clients, seed, **options)
+    if scheme == "class-counts":
+        return _class_counts(labels, num_clients, seed, **options)
     from flwr_datasets import partitioner as fp  # only the schemes that flwr-datasets provides need it
 
     if scheme == "iid":
