@@ -231,6 +231,13 @@ ALPHA_OPTION = {"dirichlet": "alpha", "inner-dirichlet": "alpha", "papers-dirich
 
 
 def _partition_options(scheme: str, alpha: float, class_counts: str = "") -> dict:
+    """The options of ``partition_indices`` for ``scheme``; ConfigError naming a key given where it does not
+    apply (partition_alpha outside the Dirichlet schemes, class_counts outside class-counts) or malformed."""
+    if alpha != 0 and scheme not in ALPHA_OPTION:
+        raise ConfigError(
+            "partition_alpha", f"partition {scheme!r} has no Dirichlet concentration; it applies to "
+            f"{', '.join(ALPHA_OPTION)} (leave it 0 otherwise)",
+        )  # fmt: skip
     if (scheme == "class-counts") != bool(class_counts.strip()):
         raise ConfigError("class_counts", "is given with partition 'class-counts' and only with it, as counts per "
                                           "class and client like '28*10; 23*3,24*7'")  # fmt: skip
@@ -239,14 +246,7 @@ def _partition_options(scheme: str, alpha: float, class_counts: str = "") -> dic
             return {"counts": parse_class_counts(class_counts)}
         except ValueError as error:
             raise ConfigError("class_counts", str(error).removeprefix("class_counts: ")) from None
-    if alpha == 0:
-        return {}
-    if scheme not in ALPHA_OPTION:
-        raise ConfigError(
-            "partition_alpha", f"partition {scheme!r} has no Dirichlet concentration; it applies to "
-            f"{', '.join(ALPHA_OPTION)} (leave it 0 otherwise)",
-        )  # fmt: skip
-    return {ALPHA_OPTION[scheme]: alpha}
+    return {ALPHA_OPTION[scheme]: alpha} if alpha != 0 else {}
 
 
 def _subsample(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.ndarray]:
