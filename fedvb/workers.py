@@ -296,36 +296,27 @@ class WorkerPool:
         pending = iter(jobs)
         taken = finished = given = 0
         results: dict[int, tuple[Message, Context] | None] = {}
-
-        def dispatch() -> None:
-            """Give every free worker the next job."""
-            nonlocal taken
-            for slot, worker in enumerate(self._workers):
-                idle = worker.job is None and not worker.late
-                if idle and taken < total and not worker.process.is_alive():
-                    worker = self._workers[slot] = self._start()  # it died between rounds
-                if worker.ready and worker.job is None and not worker.late and taken < total:
-                    message, context = next(pending)
-                    worker.job, worker.started = taken, time.monotonic()
-                    worker.message, worker.context_sent = message, context
-                    taken += 1
-                    try:
-                        worker.connection.send(("run",))
-                        send_message(worker.connection, message, context)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # it died: the wait below sees it and answers for it
-
         try:
             while given < total:
-                dispatch()
+                for slot, worker in enumerate(self._workers):
+                    idle = worker.job is None and not worker.late
+                    if idle and taken < total and not worker.process.is_alive():
+                        worker = self._workers[slot] = self._start()  # it died between rounds
+                    if worker.ready and worker.job is None and not worker.late and taken < total:
+                        message, context = next(pending)
+                        worker.job, worker.started = taken, time.monotonic()
+                        worker.message, worker.context_sent = message, context
+                        taken += 1
+                        try:
+                            worker.connection.send(("run",))
+                            send_message(worker.connection, message, context)
+                        except (BrokenPipeError, ConnectionResetError):
+                            pass  # it died: the wait below sees it and answers for it
                 for index, result in self._collect(timeout):
                     results[index] = result
                     finished += 1
                     if on_done:
                         on_done(finished, total)
-                # The workers just freed get their next client before the consumer takes these results (the
-                # server's screen of a reply): otherwise each worker idled through a screen per client.
-                dispatch()
                 while given in results:
                     yield results.pop(given)
                     given += 1
