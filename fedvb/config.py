@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedvb.core import client_solvers, gaussian
+from fedvb.core import client_solvers, gaussian, registry
 from fedvb.core.algorithms import ROUND_ONE_ANCHORS
 from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM, COMMON_DEFAULTS, DEFAULTS, default_value
 from fedvb.core.robust import COMBINATIONS
@@ -254,7 +254,7 @@ class RunConfig:
         self._defaulted = tuple(key for key, ask in PER_STRATEGY.items() if getattr(self, key) == ask)
         if self.strategy in DEFAULTS:  # an unknown strategy is validate's to report
             for key in self._defaulted:
-                setattr(self, key, default_value(self.strategy, key, max(self.num_clients, 1)))
+                setattr(self, key, default_value(self.strategy, key, max(self.num_clients, 1), self.dataset))
 
     # -- building --------------------------------------------------------------------
     @classmethod
@@ -447,9 +447,9 @@ class RunConfig:
         return tomli_w.dumps({**self.as_dict(), **({PROVENANCE: provenance} if provenance else {})})
 
     def replace(self, **changes) -> RunConfig:
-        """This configuration with ``changes``; a new strategy or client count takes its own defaults where this
-        one's were used."""
-        resolved_by = ("strategy", "num_clients")  # what the defaults depend on (damping 1/K)
+        """This configuration with ``changes``; a new strategy, dataset or client count takes its own defaults
+        where this one's were used."""
+        resolved_by = ("strategy", "dataset", "num_clients")  # what the defaults depend on (damping 1/K)
         moved = any(changes.get(key, getattr(self, key)) != getattr(self, key) for key in resolved_by)
         values = self.explicit() if moved else self.as_dict()
         new = RunConfig(**{**values, **changes})
@@ -525,7 +525,8 @@ def at_strategy_default(key: str, config: dict[str, Any]) -> bool:
     strategy = config.get("strategy")
     if key not in PER_STRATEGY or strategy not in DEFAULTS:
         return False
-    return config.get(key) == default_value(strategy, key, max(int(config.get("num_clients", 1)), 1))
+    num_clients = max(int(config.get("num_clients", 1)), 1)
+    return config.get(key) == default_value(strategy, key, num_clients, str(config.get("dataset", "")))
 
 
 def algorithm_rows() -> list[tuple[str, str, str, str, str]]:
@@ -566,9 +567,17 @@ def describe_defaults() -> str:
 
     def wrapped(head: str, values: dict[str, Any]) -> list[str]:
         text = ", ".join(f"{key} {value}" for key, value in values.items()) or "common"
-        return textwrap.wrap(text, 110, initial_indent=f"  {head:18s} ", subsequent_indent=" " * 21)
+        return textwrap.wrap(text, 110, initial_indent=f"  {head:18s} ", subsequent_indent=" " * 21,
+                             break_on_hyphens=False)
 
     lines = wrapped("common", COMMON_DEFAULTS)
     for strategy in STRATEGIES:
         lines += wrapped(strategy, {k: v for k, v in DEFAULTS[strategy].items() if v != COMMON_DEFAULTS[k]})
+    lines.append("  on these datasets, these strategies take instead (fedvb.core.registry.DATASET_DEFAULTS):")
+    for dataset, rows in registry.DATASET_DEFAULTS.items():
+        for values in dict.fromkeys(tuple(row.items()) for row in rows.values()):  # each distinct row, in order
+            names = " ".join(name for name, row in rows.items() if tuple(row.items()) == values)
+            lines += wrapped(dataset, dict(values)) + textwrap.wrap(
+                f"for {names}", 110, initial_indent=" " * 21, subsequent_indent=" " * 21, break_on_hyphens=False
+            )
     return "\n".join(lines)
