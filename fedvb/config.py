@@ -565,10 +565,11 @@ def describe_defaults() -> str:
     """Each strategy's defaults for the "per strategy" keys (fedvb.core.registry.DEFAULTS), for ``--help``: one
     line of common values, then what each strategy sets otherwise."""
 
-    def wrapped(head: str, values: dict[str, Any]) -> list[str]:
-        text = ", ".join(f"{key} {value}" for key, value in values.items()) or "common"
-        return textwrap.wrap(text, 110, initial_indent=f"  {head:18s} ", subsequent_indent=" " * 21,
-                             break_on_hyphens=False)
+    def wrapped(head: str, values: dict[str, Any] | str) -> list[str]:
+        text = values if isinstance(values, str) else ", ".join(f"{key} {value}" for key, value in values.items())
+        indent = f"  {head:18s} "
+        return textwrap.wrap(text or "common", 110, initial_indent=indent, subsequent_indent=" " * len(indent),
+                             break_on_hyphens=False)  # fmt: skip
 
     lines = wrapped("common", COMMON_DEFAULTS)
     for strategy in STRATEGIES:
@@ -577,7 +578,5 @@ def describe_defaults() -> str:
     for dataset, rows in registry.DATASET_DEFAULTS.items():
         for values in dict.fromkeys(tuple(row.items()) for row in rows.values()):  # each distinct row, in order
             names = " ".join(name for name, row in rows.items() if tuple(row.items()) == values)
-            lines += wrapped(dataset, dict(values)) + textwrap.wrap(
-                f"for {names}", 110, initial_indent=" " * 21, subsequent_indent=" " * 21, break_on_hyphens=False
-            )
+            lines += wrapped(dataset, dict(values)) + wrapped("", f"for {names}")
     return "\n".join(lines)
