@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from torch import Tensor
 
 from fedvb.config import RunConfig
+from fedvb.parsing import PARSING
 
 __all__ = [
     "CONFIG_KEY",
@@ -29,7 +30,8 @@ def to_array_record(arrays: dict[str, Tensor]) -> ArrayRecord:
 def from_array_record(record: ArrayRecord, *, consume: bool = False) -> dict[str, Tensor]:
     """The record's tensors; ``consume``: emptying the record as it goes, so that its bytes are freed as each
     tensor is built (a server taking in a large cohort holds one copy of a reply, not two)."""
-    return dict(record.to_torch_state_dict(keep_input=not consume))
+    with PARSING:  # each array's .npy header is parsed with ast.literal_eval (fedvb.parsing)
+        return dict(record.to_torch_state_dict(keep_input=not consume))
 
 
 CONFIG_KEY = "fedvb-config"

@@ -41,6 +41,8 @@ from flwr.common.serde import context_from_proto, context_to_proto, message_from
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
+from fedvb.parsing import PARSING
+
 __all__ = [
     "SharedData", "WorkerPool", "attach", "available_cores", "close_pools", "execute", "pool_pids", "shared_pool",
 ]  # fmt: skip
@@ -121,7 +123,8 @@ def execute(client_app: ClientApp, message: Message, context: Context) -> Messag
 def error_reply(message: Message, error: BaseException) -> Message:
     """The error reply of a client that raised ``error`` answering ``message`` (as Flower's engines make one)."""
     log.warning("client on node %s raised: %s", message.metadata.dst_node_id, error)
-    trace = "".join(traceback.format_exception(error))
+    with PARSING:  # traceback's caret anchors parse source lines (fedvb.parsing)
+        trace = "".join(traceback.format_exception(error))
     reason = f"{type(error).__name__}: {error}\n{trace}"
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 

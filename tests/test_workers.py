@@ -222,3 +222,60 @@ def test_a_stream_stopped_early_leaves_the_pool_serving():
         stream.close()  # a consumer that gave up: its busy workers finish and their replies are discarded
         again = pool.run([job(4), job(5)])
         assert [context.node_id for _, context in again] == [4, 5] and not any(r.has_error() for r, _ in again)
+
+
+@pytest.mark.timeout(60)
+def test_client_threads_parse_one_at_a_time(monkeypatch):
+    """CPython 3.11 builds Python AST objects with thread-unsafe state (gh-106905; fedvb.parsing): client threads
+    decoding records (numpy parses each .npy header) and formatting error replies (traceback parses source lines)
+    at once, as the vectorised engine's do, must parse one after another."""
+    import ast
+    import threading
+
+    import torch
+
+    from fedvb.records import from_array_record, to_array_record
+    from fedvb.workers import error_reply
+
+    inside, most, parses = [0], [0], [0]
+    counting = threading.Lock()
+    parse = ast.parse
+
+    def watched(*args, **kwargs):
+        with counting:
+            inside[0] += 1
+            parses[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.005)  # long enough for the other threads to arrive
+        with counting:
+            inside[0] -= 1
+        return parse(*args, **kwargs)
+
+    arrays = {f"w{i}": torch.arange(5.0) * i for i in range(3)}
+    messages = {node: job(node)[0] for node in range(1, 4)}
+    records = [to_array_record(arrays) for _ in range(3)]
+    monkeypatch.setattr(ast, "parse", watched)
+    start = threading.Barrier(6)
+    decoded, replies = [], []
+
+    def decode(record) -> None:
+        start.wait(timeout=10)
+        decoded.append(from_array_record(record))
+
+    def fail(node: int) -> None:
+        try:
+            raise RuntimeError(f"client {node} fails")
+        except RuntimeError as error:
+            start.wait(timeout=10)
+            replies.append(error_reply(messages[node], error))
+
+    threads = [threading.Thread(target=decode, args=(r,)) for r in records]
+    threads += [threading.Thread(target=fail, args=(node,)) for node in messages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert parses[0] >= 9 + 3 and most[0] == 1  # a parse per array header, at least one per traceback
+    assert all(torch.equal(d[name], arrays[name]) for d in decoded for name in arrays) and len(decoded) == 3
+    assert sorted(r.error.reason.split("\n")[0] for r in replies) == [f"RuntimeError: client {n} fails" for n in
+                                                                      range(1, 4)]  # fmt: skip
