@@ -5,7 +5,12 @@ process), on a compute-bound round: Fashion-MNIST, the papers' MLP 784-200-100-1
 rows (10% of the training set, iid), 2 local epochs, no evaluation samples. Runs alternate (1, N, 1, N,
 ...); the medians of the steady rounds' training time (round 1 dropped: each worker builds its clients
 there; evaluation runs in the server's process either way) are compared, and every run's metrics and
-final posterior must equal the one-worker run's bit for bit.
+final posterior must equal the one-worker run's bit for bit. Beside each pair, the same clients' local
+training bare (round 1's client steps, with fedvb's algorithm, trainers and random streams, but no messages,
+Flower or server around them): in one process, and spread over N processes started together. Its ratio is
+what the machine allows the clients' part of a round (two client steps at once are slower than one where the
+cores share caches, memory bandwidth or a host core); what a round takes beyond its clients' bare time is
+fedvb's own time, printed for 1 and N workers.
 
 ``curvature``: a FedLap-Cov round (MAP training plus the diagonal GGN of its Laplace step) against a FedAvg
 round on that same workload, one worker: the GGN per layer (``curvature = "exact"``, the default), by one
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -38,6 +44,8 @@ import torch
 
 from fedvb.backends import run
 from fedvb.config import RunConfig
+from fedvb.core.algorithms import client_step
+from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer
 
 TIMING = ("train_time_s", "wall_time_s", "elapsed_s")  # what may differ between runs of the same numbers
 
@@ -72,6 +80,7 @@ def workers(args: argparse.Namespace) -> None:
         base = _workload(strategy, rounds=args.rounds)
         rounds: dict[int, list[float]] = {1: [], args.workers: []}
         totals: dict[int, list[float]] = {1: [], args.workers: []}
+        bare: dict[int, list[float]] = {1: [], args.workers: []}
         reference = None
         for repeat in range(args.repeats):
             for count in (1, args.workers):
@@ -87,13 +96,60 @@ def workers(args: argparse.Namespace) -> None:
                 ) and numbers[1].keys() == reference[1].keys()  # fmt: skip
                 if not same:
                     raise SystemExit(f"{strategy}: {count} workers gave other numbers than 1 worker (run {folder})")
+            for count in (1, args.workers):
+                bare[count] += _bare_client_steps(strategy, count, args.rounds)
         one, many = statistics.median(rounds[1]), statistics.median(rounds[args.workers])
+        bare_one, bare_many = statistics.median(bare[1]), statistics.median(bare[args.workers])
         whole = f"{statistics.median(totals[1]):.1f} s vs {statistics.median(totals[args.workers]):.1f} s"
         print(
             f"{strategy:10s} 1 worker {one:6.2f} s/round   {args.workers} workers {many:6.2f} s/round   "
-            f"ratio {many / one:.2f} (target <= 0.60)   whole runs {whole}   bit for bit: yes"
+            f"ratio {many / one:.2f} (target <= 0.60)   whole runs {whole}   bit for bit: yes\n"
+            f"{'':10s} bare client steps: 1 process {bare_one:6.2f} s   {args.workers} processes {bare_many:6.2f} s   "
+            f"ratio {bare_many / bare_one:.2f} (the machine's)   fedvb's own time per round: "
+            f"{(one - bare_one) * 1000:.0f} ms at 1 worker, {(many - bare_many) * 1000:.0f} ms at {args.workers}"
         )
     print(_peak_rss())  # fmt: skip
+
+
+def _bare_client_steps(strategy: str, processes: int, rounds: int) -> list[float]:
+    """Seconds for round 1's client steps of the ``workers`` workload, ``rounds`` times, spread over
+    ``processes`` processes started together (client ``k`` in process ``k % processes``; each time, the
+    slowest process's)."""
+    clients = _workload(strategy).num_clients
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    group = [context.Process(target=_bare_steps_in_process, args=(strategy, list(range(clients))[first::processes],
+                                                                    rounds, barrier, results))
+             for first in range(processes)]  # fmt: skip
+    for process in group:
+        process.start()
+    try:
+        times = [results.get(timeout=600) for _ in range(processes * rounds)]
+    finally:
+        for process in group:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+    return [max(seconds for r, seconds in times if r == each) for each in range(rounds)]
+
+
+def _bare_steps_in_process(strategy: str, clients: list[int], rounds: int, barrier, results) -> None:
+    torch.set_num_threads(1)  # one of N processes, as a worker
+    config = _workload(strategy)
+    algorithm = make_algorithm(config)
+    payload = algorithm.payload(algorithm.init_server(initial_mean(config), config.num_clients))
+    trainers = {k: make_trainer(config, k) for k in clients}
+
+    def step(k: int) -> None:
+        client_step(algorithm, payload, {}, trainers[k], generator=client_generator(config, 1, k))
+
+    step(clients[0])  # as a worker's first round, where it builds its clients, is left out of the medians
+    for each in range(rounds):
+        barrier.wait(timeout=600)
+        started = time.perf_counter()
+        for k in clients:
+            step(k)
+        results.put((each, time.perf_counter() - started))
 
 
 def _peak_rss() -> str:

@@ -18,8 +18,10 @@ __all__ = [
     "config_to_json",
     "from_array_record",
     "join_reply",
+    "narrowed",
     "split_reply",
     "to_array_record",
+    "widened",
 ]
 
 
@@ -47,14 +49,42 @@ def config_from_json(text: str) -> RunConfig:
     return RunConfig.from_mapping(json.loads(text))
 
 
+def narrowed(arrays: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``arrays`` with each float64 tensor that float32 holds exactly sent as float32: half the bytes, the same
+    numbers once :func:`widened` (a reply the model computed in float32, as an IVON posterior on a float32
+    model, is such a tensor; a float64 solver's is not, and goes as it is)."""
+    narrow = {}
+    for name, value in arrays.items():
+        if value.dtype == torch.float64:
+            single = value.float()
+            if torch.equal(single.double(), value):
+                value = single
+        narrow[name] = value
+    return narrow
+
+
+def widened(arrays: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``arrays`` with each float32 tensor in ``dtype`` where that is float64 (every float32 is a float64, so
+    exactly what a client sent before :func:`narrowed`); any other tensor as it came."""
+    if dtype != torch.float64:
+        return arrays
+    return {name: value.double() if value.dtype == torch.float32 else value for name, value in arrays.items()}
+
+
 def split_reply(reply: dict[str, Tensor], partition_id: int) -> tuple[ArrayRecord, MetricRecord]:
-    """A client reply as one ArrayRecord and one MetricRecord holding ``num-examples`` (Flower's FedAvg needs both)."""
+    """A client reply as one ArrayRecord (:func:`narrowed`) and one MetricRecord holding ``num-examples``
+    (Flower's FedAvg needs both)."""
     arrays = dict(reply)
     count = float(arrays.pop("num_examples"))
-    return to_array_record(arrays), MetricRecord({"num-examples": count, "partition-id": partition_id})
+    return to_array_record(narrowed(arrays)), MetricRecord({"num-examples": count, "partition-id": partition_id})
 
 
-def join_reply(arrays: ArrayRecord, metrics: MetricRecord, *, consume: bool = False) -> dict[str, Tensor]:
+def join_reply(
+    arrays: ArrayRecord, metrics: MetricRecord, *, consume: bool = False, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The reply :func:`split_reply` made; ``dtype``: its tensors :func:`widened` to the server's."""
     reply = from_array_record(arrays, consume=consume)
+    if dtype is not None:
+        reply = widened(reply, dtype)
     reply["num_examples"] = torch.tensor(float(metrics["num-examples"]))
     return reply

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fedvb.backends import run
 from fedvb.config import BAYES_ADMM, STRATEGIES, RunConfig
@@ -11,6 +12,7 @@ from fedvb.core.driver import run_algorithm
 from fedvb.core.gaussian import DIAGONAL
 from fedvb.core.registry import ALGORITHMS
 from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer, partition_sizes, round_lr
+from fedvb.records import join_reply, split_reply, widened
 
 
 def small_config(strategy: str, tmp_path, **changes) -> RunConfig:
@@ -208,3 +210,17 @@ def test_an_inprocess_round_holds_one_message_at_a_time_and_the_screen_keeps_non
     assert len(strategy.client_store) == config.num_clients and strategy.round_log["rejected"] == []
     payload = strategy.algorithm.payload(strategy.server)  # the next round's: the same tensors, new values
     assert strategy.round_log["bytes_down"] == config.num_clients * to_array_record(payload).count_bytes()
+
+
+def test_a_reply_goes_in_float32_only_where_float32_holds_it_exactly_and_comes_back_as_sent():
+    exact = torch.randn(1000, generator=torch.Generator().manual_seed(0)).double()  # a float32 model's posterior
+    inexact = exact / 3  # a float64 solver's
+    arrays, metrics = split_reply({"mean": exact, "precision": inexact, "num_examples": torch.tensor(7.0)}, 3)
+    assert (arrays["mean"].dtype, arrays["precision"].dtype) == ("float32", "float64")
+    back = join_reply(arrays, metrics, dtype=torch.float64)
+    assert back["mean"].dtype == back["precision"].dtype == torch.float64
+    assert torch.equal(back["mean"], exact) and torch.equal(back["precision"], inexact)
+    assert float(back["num_examples"]) == 7.0
+    # only float32 is widened, and only to a float64 server: a float16 reply (a fault) reaches the screen as sent
+    assert widened({"mean": exact.half()}, torch.float64)["mean"].dtype == torch.float16
+    assert widened({"mean": exact.float()}, torch.float32)["mean"].dtype == torch.float32

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedvb.backends import run
 from fedvb.cli import main
 from fedvb.config import RunConfig
+from fedvb.records import to_array_record
 
 SMALL = dict(dataset="synthetic-logistic", model="softmax", num_clients=5, rounds=3, lr=0.01, eval_samples=8)
 
@@ -124,11 +126,15 @@ def test_bytes_and_rounds_to_target_are_what_was_sent_and_reached(tmp_path):
     run(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     dim = len(np.load(tmp_path / "posterior.npz")["mean"])
-    # down: mean, precision (float64) and the round counter to each of 5 clients; up: mean and precision
-    # (float64) from each, no site (the server computes the sites)
+    # down: mean, precision (float64) and the round counter to each of 5 clients; up: mean and precision from
+    # each, no site (the server computes the sites), in float32: the float32 model's posterior, which float32
+    # holds exactly (fedvb.records.narrowed)
+    vector = torch.zeros(dim, dtype=torch.float64)
+    down = to_array_record({"mean": vector, "precision": vector, "round": torch.tensor(0.0, dtype=torch.float64)})
+    up = to_array_record({"mean": vector.float(), "precision": vector.float()})
     for row in rows:
-        assert 5 * 8 * (2 * dim + 1) <= row["bytes_down"] <= 5 * (8 * (2 * dim + 1) + 1024)
-        assert 5 * 8 * 2 * dim <= row["bytes_up"] <= 5 * (8 * 2 * dim + 1024)
+        assert row["bytes_down"] == 5 * down.count_bytes()
+        assert row["bytes_up"] == 5 * up.count_bytes()
     summary = json.loads((tmp_path / "summary.json").read_text())
     reached = [r["round"] for r in rows if r["accuracy"] >= 0.7]
     assert summary["rounds_to_target"] == (reached[0] if reached else None)
