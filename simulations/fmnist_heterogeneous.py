@@ -10,7 +10,9 @@ schedule), strategy by strategy and seed by seed, then one ``fedvb compare`` tab
 homogeneous K = 10 setting the same way: the baselines keep the choices below and take that TOML's split,
 data and schedule (none there); ``--toml simulations/uci_heart.toml --rounds 20`` the FedLap paper's Heart
 Disease setting; ``--toml simulations/mnist_two_class.toml`` the BayesADMM paper's MNIST two-class K = 100
-setting, its baselines as that paper publishes them (EXPERIMENT_BASELINE).
+setting, its baselines as that paper publishes them (EXPERIMENT_BASELINE); ``--toml
+simulations/fmnist_heterogeneous_100.toml --rounds 20`` the BayesADMM paper's Fashion-MNIST K = 100 setting,
+CPU-sized (2 local epochs, not 10).
 
 Each run goes to OUT/STRATEGY/seedN; a folder that already holds a finished run of the same configuration
 is kept, not run again, so an interrupted study continues. IVON-ADMM runs with the published settings
@@ -62,7 +64,10 @@ BASELINE = {
 # experiment (keyed by its TOML's name). The BayesADMM paper's MNIST two-class row: FedDyn's Adam weight decay
 # 1e-6, FedLap's delta 1 and FedLap-Cov's 1e-4 (the TOML's 0.01 is IVON-ADMM's), both with sites damped by
 # 0.01 (= 1/K at K = 100).
+# Fashion-MNIST at K = 100 (no published baselines): the choices above, with FedLap's and FedLap-Cov's sites
+# damped by 1/K = 0.01, as they are by 1/K = 0.1 at K = 10.
 EXPERIMENT_BASELINE = {
+    "fmnist_heterogeneous_100": {"fedlap": {"damping": 0.01}, "fedlap-cov": {"damping": 0.01}},
     "mnist_two_class": {
         "feddyn": {"weight_decay": 1e-6},
         "fedlap": {"damping": 0.01, "prior_precision": 1.0},
