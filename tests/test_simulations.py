@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
 
 import duality  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from fedvb.data import dataset_available  # noqa: E402
 from tests.marks import IN_CI  # noqa: E402
@@ -68,3 +69,41 @@ def test_an_experiments_published_baseline_settings_reach_the_runs_configuration
     published = RunConfig.from_sources(toml, {})
     assert (by_strategy["ivon-admm"].lr, by_strategy["ivon-admm"].rho) == (published.lr, published.rho) == (0.02, 5.0)
     assert by_strategy["fedavg"].num_clients == 100 and by_strategy["fedavg"].partition == "two-class"
+
+
+def test_the_negative_elbo_estimate_has_its_known_answers():
+    """At the prior the KL is 0; for a near point mass the expectation is the data's NLL at the mean."""
+    import negative_elbo
+
+    from fedvb.core import DIAGONAL, Gaussian
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 6, generator=generator, dtype=torch.float64), torch.randint(10, (30,), generator=generator)
+    prior = Gaussian.isotropic_prior(60, 10.0, DIAGONAL)
+    noise = torch.randn(50, 60, generator=generator, dtype=torch.float64)
+    assert negative_elbo.negative_elbo(prior, prior, x, y, noise)["kl"] == 0.0
+    mean = torch.randn(60, generator=generator, dtype=torch.float64)
+    sharp = Gaussian(mean, torch.full((60,), 1e14, dtype=torch.float64), DIAGONAL)
+    at_mean = torch.nn.functional.cross_entropy(x @ mean.reshape(10, 6).T, y, reduction="sum")
+    measured = negative_elbo.negative_elbo(sharp, prior, x, y, noise)
+    assert abs(measured["expected_nll"] - float(at_mean)) <= 1e-5 * float(at_mean)
+    assert measured["negative_elbo"] == measured["expected_nll"] + measured["kl"]
+
+
+def test_the_negative_elbo_study_writes_every_methods_curve(tmp_path):
+    """The BayesADMM paper's Fig. 3a setting at a small size: every method lowers the server's negative ELBO from
+    the prior's, the rows start from the same prior, and the CSV and picture are written."""
+    import negative_elbo
+
+    if not IN_CI and not dataset_available("mnist"):
+        pytest.skip("MNIST not found")
+    assert negative_elbo.main(["--out", str(tmp_path), "--rounds", "2", "--steps", "20", "--rows-per-digit", "50"]) == 0
+    with open(tmp_path / "elbo.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    by_method = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {})[int(row["round"])] = float(row["negative_elbo"])
+    assert set(by_method) == {"BayesADMM", "Bregman ADMM", "PVI", "damped PVI"}
+    assert len({curve[0] for curve in by_method.values()}) == 1  # the same prior, the same noise
+    assert all(sorted(curve) == [0, 1, 2] and curve[2] < curve[0] for curve in by_method.values())
+    assert (tmp_path / "elbo.png").stat().st_size > 10_000
