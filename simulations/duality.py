@@ -64,7 +64,7 @@ def mnist_square_loss_clients(rows_per_digit: int = 500) -> list:
     from fedvb.data import load_dataset
 
     data = load_dataset("mnist", preprocessing="raw", seed=0)
-    images = torch.as_tensor(data.x_train, dtype=torch.float64).reshape(-1, 1, 28, 28) / 255.0
+    images = torch.as_tensor(data.x_train, dtype=torch.float64).reshape(-1, 1, 28, 28)  # in [0, 1] already
     small = torch.nn.functional.avg_pool2d(images, 4).reshape(len(images), -1)  # 7 x 7 = 49 inputs
     labels = torch.as_tensor(data.y_train, dtype=torch.long)
     eye = torch.eye(10, dtype=torch.float64)

@@ -122,15 +122,14 @@ def study(rounds: int, steps: int, rows_per_digit: int) -> list[dict]:
 
 def print_table(rows: list[dict], rounds: int) -> None:
     shown = sorted({1, 2, 5, 10, rounds} & set(range(1, rounds + 1)))
-    print("negative ELBO of the server posterior (lower is better), by round")
-    print(f"{'method':14s}" + "".join(f"{r:>11d}" for r in shown) + f"{'accuracy':>11s}")
+    print("negative ELBO of the server posterior (lower is better), by round; rises: rounds in which it went up")
+    print(f"{'method':14s}" + "".join(f"{r:>11d}" for r in shown) + f"{'rises':>7s}{'accuracy':>11s}")
     for label in dict.fromkeys(r["method"] for r in rows):
-        by_round = {r["round"]: r for r in rows if r["method"] == label}
-        cells = "".join(
-            f"{by_round[r]['negative_elbo']:11.1f}" if r in by_round else f"{'stopped':>11s}" for r in shown
-        )
-        last = by_round[max(by_round)]
-        print(f"{label:14s}{cells}{last['test_accuracy']:11.4f}")
+        by_round = {int(r["round"]): float(r["negative_elbo"]) for r in rows if r["method"] == label}
+        cells = "".join(f"{by_round[r]:11.1f}" if r in by_round else f"{'stopped':>11s}" for r in shown)
+        rises = sum(by_round[r] > by_round[r - 1] for r in by_round if r - 1 in by_round)
+        last = next(r for r in rows if r["method"] == label and int(r["round"]) == max(by_round))
+        print(f"{label:14s}{cells}{rises:7d}{float(last['test_accuracy']):11.4f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
