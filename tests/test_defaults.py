@@ -88,7 +88,6 @@ REFUSED = {
 }  # fmt: skip
 # Measured gaps: these do not learn at this size with their defaults (strict: a fix shows up as a failure here).
 GAPS = {
-    ("pvi", "cifar10"): "IVON at 2e-4 with sites damped by 1/K: 0.166, 0.179, 0.180 against 0.235 in 3 rounds",
     ("fedlap-func", "cifar10"): "the server's function-space fit swings the model: 0.228, 0.285, 0.230 against 0.235",
 }  # fmt: skip
 # Runs, not gaps, that this suite leaves out for their cost: FedLap-KFAC's site step on CIFAR-10's MLP projects
