@@ -211,8 +211,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "bayes-admm-newton": {"damping": 0.5},
     # rho fixed at 1 (KL weight 1): temperature tau rho of IVON-ADMM's row keeps its clients' IVON effective sample
     # size N / (tau rho); at IVON-ADMM's 1e-3 a PVI client's posterior is 5 times wider and CIFAR-10 stays near 0.18
-    "pvi": {**_IVON, "rho": 1.0, "temperature": _IVON["temperature"] * _IVON["rho"], "damping": ONE_OVER_K,
-            "round_one_anchor": "prior"},  # fmt: skip
+    "pvi": {
+        **_IVON,
+        "rho": 1.0,
+        "temperature": _IVON["temperature"] * _IVON["rho"],
+        "damping": ONE_OVER_K,
+        "round_one_anchor": "prior",
+    },
     "bayes-admm": {**_ADAM, "damping": 0.1},
     "federated-admm": {**_ADAM, "damping": 0.1},
     "bregman-admm": {**_ADAM, "damping": 0.2},  # P2: "diverged if larger"
