@@ -60,7 +60,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     if path.suffix == ".gz":
-        with gzip.open(path, "wb") as handle:
+        with gzip.open(path, "wb", compresslevel=1) as handle:  # level 9 took 15 s on MNIST's 47 MB
             handle.write(data)
     else:
         path.write_bytes(data)
