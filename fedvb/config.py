@@ -174,6 +174,11 @@ class RunConfig:
     ivon_hess_init: float = field(default=-1.0, metadata=_meta("IVON initial h", ge=0))
     ivon_beta2: float = field(default=0.0, metadata=_meta("IVON beta2", gt=0, lt=1))
     ivon_mc_samples: int = field(default=1, metadata=_meta("IVON Monte Carlo samples per step", min=1))
+    ivon_clip_radius: float = field(
+        default=0.0,
+        metadata=_meta("IVON: each coordinate's preconditioned step clipped to this size before the learning rate "
+                       "(the IVON library's clip_radius; the papers' runs use none); 0: none", ge=0),
+    )  # fmt: skip
     ivon_kernel: str = field(
         default="auto",
         metadata=_meta("IVON on CPU: auto (native if a C compiler builds it), torch, native", choices=IVON_KERNELS),
@@ -499,7 +504,8 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
         "rho", "alpha", "family", "proximal_mu", "feddyn_alpha", "admm_rho", "server_lr", "func_inputs",
         "func_weight", "func_steps", "func_lr", "eval_samples")},
 }  # fmt: skip
-IVON_KEYS = ("ivon_hess_init", "ivon_beta2", "ivon_mc_samples", "ivon_kernel")  # with the ivon solver
+# with the ivon solver
+IVON_KEYS = ("ivon_hess_init", "ivon_beta2", "ivon_mc_samples", "ivon_clip_radius", "ivon_kernel")
 LOCAL_TRAINING_KEYS = ("local_epochs", "lr", "batch_size")  # all but the exact solver
 MAP_KEYS = ("optimizer",)  # baselines and the laplace solver
 

@@ -442,7 +442,8 @@ def local_settings(config: RunConfig) -> LocalSettings:
         lr=config.lr, local_epochs=config.local_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
         weight_decay=config.weight_decay, grad_clip=config.grad_clip, optimizer_state=config.optimizer_state,
         ivon_hess_init=config.ivon_hess_init,
-        ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples, ivon_kernel=config.ivon_kernel,
+        ivon_beta2=config.ivon_beta2, ivon_mc_samples=config.ivon_mc_samples, ivon_clip_radius=config.ivon_clip_radius,
+        ivon_kernel=config.ivon_kernel,
         curvature=config.curvature,
     )  # fmt: skip
 

@@ -13,14 +13,14 @@ from fedvb.core.trainers import LocalSettings, TorchTrainer
 FAMILIES = (ISOTROPIC, DIAGONAL, DENSE)
 
 
-def regression_client(settings: LocalSettings) -> TorchTrainer:
+def regression_client(settings: LocalSettings, dtype: torch.dtype = torch.float64) -> TorchTrainer:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=g, dtype=torch.float64)
     y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1 * torch.randn(
         64, generator=g, dtype=torch.float64
     )
-    model = torch.nn.Linear(3, 1, bias=False).double()
-    return TorchTrainer(model, x, y, "regression", settings)
+    model = torch.nn.Linear(3, 1, bias=False).to(dtype)
+    return TorchTrainer(model, x.to(dtype), y.to(dtype), "regression", settings)
 
 
 def server_and_site(family):
@@ -82,6 +82,27 @@ def test_ivon_serves_diagonal_families_and_keeps_its_state():
     (posterior, state), _, _ = solve(IVON, trainer, DIAGONAL)
     assert set(state) == {"ivon_momentum", "ivon_step"} and float(state["ivon_step"]) == 8
     assert bool((posterior.precision > 0).all())
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_an_ivon_clip_radius_bounds_each_step_and_engages(kernel):
+    """``ivon_clip_radius`` r: every coordinate of the mean moves at most lr r a step (IVON clips the
+    preconditioned step before the learning rate), so at most steps lr r in all; the unclipped client moves
+    further, so the bound is the clip's doing, not the problem's."""
+    from fedvb.core import ivon_native
+
+    if kernel == "native" and ivon_native.load() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    lr, radius, steps = 0.05, 0.5, 8  # 64 rows in batches of 16, 2 epochs
+    moved = {}
+    for clip in (0.0, radius):
+        settings = LocalSettings(lr=lr, local_epochs=2, batch_size=16, ivon_kernel=kernel, ivon_clip_radius=clip)
+        trainer = regression_client(settings, torch.float32)  # the native kernels serve float32
+        (posterior, state), server, _ = solve(IVON, trainer, DIAGONAL, rho=0.05)
+        assert float(state["ivon_step"]) == steps
+        moved[clip] = float((posterior.mean - server.mean).abs().max())
+    assert moved[radius] <= steps * lr * radius * (1 + 1e-5), moved
+    assert moved[0.0] > 1.5 * steps * lr * radius, moved
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -73,16 +73,21 @@ def test_every_vectorised_algorithm_gives_the_loops_numbers(strategy):
     [
         ("ivon-admm", {"ivon_mc_samples": 2}),  # the averages over Monte Carlo samples
         ("ivon-admm", {"ivon_kernel": "torch"}),  # torch's kernels instead of the native ones
+        ("ivon-admm", {"ivon_clip_radius": 1e-3}),  # IVON's steps clipped (the native kernels)
+        ("ivon-admm", {"ivon_clip_radius": 1e-3, "ivon_kernel": "torch"}),  # and torch's
         ("fedavg", {"optimizer": "sgd", "batch_size": 7}),  # SGD; most batches short of the batch size at the end
         ("fedprox", {"optimizer_state": "kept"}),  # Adam carried across rounds: each client trains alone
     ],
-    ids=["ivon-two-samples", "ivon-torch-kernels", "sgd-odd-batch", "kept-adam"],
+    ids=["ivon-two-samples", "ivon-torch-kernels", "ivon-clipped", "ivon-clipped-torch", "sgd-odd-batch", "kept-adam"],
 )
 def test_the_loops_numbers_under_other_settings(strategy, changes):
     config = config_for(strategy, **changes)
     looped, _ = driver_run(config, "loop")
     together, _ = driver_run(config, "vectorised")
     assert relative(together["mean"], looped["mean"]) < TOLERANCE
+    if "ivon_clip_radius" in changes:  # the clip engaged: the run differs from the unclipped one
+        unclipped, _ = driver_run(config.replace(ivon_clip_radius=0.0), "loop")
+        assert relative(looped["mean"], unclipped["mean"]) > 100 * TOLERANCE
 
 
 def test_a_coupled_penalty_trains_client_by_client_inside_the_engine():

@@ -273,7 +273,7 @@ def _group_key(request: _Request, trainer: TorchTrainer) -> tuple | str:
         return ("map", optimizer, float(kwargs["temperature"]), *common)
     s = trainer.settings
     return ("ivon", float(kwargs["temperature"]), float(kwargs["rho"]), s.ivon_hess_init, s.ivon_beta2,
-            s.ivon_mc_samples, s.ivon_kernel, bool(kwargs["first_round"]), *common)  # fmt: skip
+            s.ivon_mc_samples, s.ivon_clip_radius, s.ivon_kernel, bool(kwargs["first_round"]), *common)  # fmt: skip
 
 
 # -- the vectorised steps ------------------------------------------------------------------------------
@@ -401,6 +401,7 @@ def _ivon_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list
     samples = settings.ivon_mc_samples
     results: list[Any] = [None] * count
     beta1, beta2 = 0.9, settings.ivon_beta2
+    clip = settings.ivon_clip_radius or math.inf
     for step in range(schedule.steps):
         index, mask, counts = schedule.rows(step, stack.device)
         grad_sum, grad_noise = None, None
@@ -428,10 +429,10 @@ def _ivon_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list
             kernels.update_rows_(mean, hess, momentum, g, gz, sqrt_precision, prior_precision, prior_natural,
                                  dual_linear, dual_quadratic, raw_noise=samples == 1, beta1=beta1, beta2=beta2,
                                  lam=torch.tensor(lam, dtype=torch.float32), c=torch.tensor(bias, dtype=torch.float32),
-                                 lr=trainers[0].lr, clip=math.inf)  # fmt: skip
+                                 lr=trainers[0].lr, clip=clip)  # fmt: skip
         for c in range(count):
             if not native:
-                scalars = dict(beta1=beta1, beta2=beta2, lam=lam[c], c=bias[c], lr=trainers[c].lr, clip=math.inf)
+                scalars = dict(beta1=beta1, beta2=beta2, lam=lam[c], c=bias[c], lr=trainers[c].lr, clip=clip)
                 row_gz = gz[c].clone() if samples > 1 else gz[c] * g[c]  # the torch kernels take g * z
                 ivon_update_(mean[c], hess[c], momentum[c], g[c], row_gz, sqrt_precision[c], prior_precision[c],
                              prior_natural[c], dual_linear[c], dual_quadratic[c], torch.empty_like(mean[c]),

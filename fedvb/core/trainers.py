@@ -86,6 +86,7 @@ class LocalSettings:
     ivon_hess_init: float = 0.1
     ivon_beta2: float = 0.99995
     ivon_mc_samples: int = 1
+    ivon_clip_radius: float = 0.0  # each coordinate's preconditioned IVON step clipped to this; 0: none
     ivon_kernel: str = "auto"  # see fedvb.core.ivon.IVON
     curvature_batch: int = 16
     curvature: str = "exact"  # or "mc": one label drawn per example (see TorchTrainer.curvature)
@@ -413,7 +414,7 @@ class TorchTrainer:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         opt = IVON(
             params, lr=self.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
-            beta2=s.ivon_beta2, generator=generator, kernel=s.ivon_kernel,
+            beta2=s.ivon_beta2, clip_radius=s.ivon_clip_radius or math.inf, generator=generator, kernel=s.ivon_kernel,
         )  # fmt: skip
         device_dtype = dict(device=self.device, dtype=self.dtype)
         opt.set_prior(server.mean.to(**device_dtype), precision.to(**device_dtype))
