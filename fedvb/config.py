@@ -172,8 +172,8 @@ class RunConfig:
     func_steps: int = field(default=50, metadata=_meta("fedlap-func: server Adam steps per round", min=0))
     func_lr: float = field(
         default=1e-3,
-        metadata=_meta("fedlap-func: server Adam learning rate (1e-3: at 1e-2 the fit swung the model, docs/algorithms.md "
-                       "§11)", gt=0),
+        metadata=_meta("fedlap-func: server Adam learning rate (1e-3: at 1e-2 the fit swung the model, "
+                       "docs/algorithms.md §11)", gt=0),
     )  # fmt: skip
     ivon_hess_init: float = field(default=-1.0, metadata=_meta("IVON initial h", ge=0))
     ivon_beta2: float = field(default=0.0, metadata=_meta("IVON beta2", gt=0, lt=1))
