@@ -183,10 +183,13 @@ def solve_softmax_regression(
     # Newton walks; if it stops being so, there is no valid client posterior.
     tol = 100 * torch.finfo(server.dtype).eps if tol is None else tol
 
+    def penalised(theta: Tensor, loss: Tensor) -> Tensor:
+        return loss / temperature + 0.5 * theta @ quadratic @ theta - linear @ theta
+
     def objective(theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         loss, grad, hess = softmax_loss_grad_hessian(theta, x, y, num_classes)
-        value = loss / temperature + 0.5 * theta @ quadratic @ theta - linear @ theta
-        return value, grad / temperature + quadratic @ theta - linear, hess / temperature + quadratic, hess
+        gradient = grad / temperature + quadratic @ theta - linear
+        return penalised(theta, loss), gradient, hess / temperature + quadratic, hess
 
     theta = server.mean.clone()
     value, grad, hess, loss_hessian = objective(theta)
@@ -202,9 +205,8 @@ def solve_softmax_regression(
         size = 1.0
         for _ in range(60):
             candidate = theta + size * step
-            cand_value = softmax_loss(candidate, x, y, num_classes) / temperature + (
-                0.5 * candidate @ quadratic @ candidate - linear @ candidate
-            )  # the value alone: the line search needs no Hessian
+            # the value alone: the line search needs no Hessian
+            cand_value = penalised(candidate, softmax_loss(candidate, x, y, num_classes))
             if cand_value <= value - 0.25 * size * decrement:
                 break
             size *= 0.5
