@@ -401,7 +401,7 @@ def _ivon_cohort(trainers: list[TorchTrainer], requests: list[_Request]) -> list
     samples = settings.ivon_mc_samples
     results: list[Any] = [None] * count
     beta1, beta2 = 0.9, settings.ivon_beta2
-    clip = settings.ivon_clip_radius or math.inf
+    clip = settings.ivon_clip
     for step in range(schedule.steps):
         index, mask, counts = schedule.rows(step, stack.device)
         grad_sum, grad_noise = None, None

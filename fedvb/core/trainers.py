@@ -91,6 +91,11 @@ class LocalSettings:
     curvature_batch: int = 16
     curvature: str = "exact"  # or "mc": one label drawn per example (see TorchTrainer.curvature)
 
+    @property
+    def ivon_clip(self) -> float:
+        """IVON's ``clip_radius`` for :attr:`ivon_clip_radius` (0, no clip, is IVON's ``inf``)."""
+        return self.ivon_clip_radius or math.inf
+
 
 def make_optimizer(
     kind: str, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0
@@ -414,7 +419,7 @@ class TorchTrainer:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         opt = IVON(
             params, lr=self.lr, ess=self.num_examples / rho, temperature=temperature, hess_init=s.ivon_hess_init,
-            beta2=s.ivon_beta2, clip_radius=s.ivon_clip_radius or math.inf, generator=generator, kernel=s.ivon_kernel,
+            beta2=s.ivon_beta2, clip_radius=s.ivon_clip, generator=generator, kernel=s.ivon_kernel,
         )  # fmt: skip
         device_dtype = dict(device=self.device, dtype=self.dtype)
         opt.set_prior(server.mean.to(**device_dtype), precision.to(**device_dtype))
