@@ -97,12 +97,14 @@ def _from_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _labels(groups: dict[tuple, list[Run]]) -> list[str]:
-    """Each setting's name: its strategy, then the keys that differ between settings, apply to it and are not
-    its strategy's own default."""
+    """Each setting's name: its strategy, then the keys that differ between the settings they apply to, apply to
+    it and are not its strategy's own default (a key only one setting reads, say fedlap-func's ``func_lr`` beside
+    FedAvg runs saved with another default of it, tells no two settings apart)."""
     settings = [dict(key) for key in groups]
     differing = sorted(
-        k for k in set().union(*settings) if k != "strategy" and any(s.get(k) != settings[0].get(k) for s in settings)
-    )
+        k for k in set().union(*settings)
+        if k != "strategy" and len({repr(s.get(k)) for s in settings if applies(k, s)}) > 1
+    )  # fmt: skip
     labels = []
     for setting in settings:
         named = [k for k in differing if applies(k, setting) and not at_strategy_default(k, setting)]

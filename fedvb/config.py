@@ -169,11 +169,13 @@ class RunConfig:
                        "rows where that is fewer", min=0),
     )  # fmt: skip
     func_weight: float = field(default=1.0, metadata=_meta("fedlap-func: weight beta of the function-space term", ge=0))
-    func_steps: int = field(default=50, metadata=_meta("fedlap-func: server Adam steps per round", min=0))
+    func_steps: int = field(
+        default=50, metadata=_meta("fedlap-func: at most this many L-BFGS iterations of the server fit a round", min=0)
+    )
     func_lr: float = field(
-        default=1e-3,
-        metadata=_meta("fedlap-func: server Adam learning rate (1e-3: at 1e-2 the fit swung the model, "
-                       "docs/algorithms.md §11)", gt=0),
+        default=1.0,
+        metadata=_meta("fedlap-func: the server fit's L-BFGS step scale (1: the line search's own step; the fit was "
+                       "Adam at 1e-3 before 2026-12-07, docs/algorithms.md §5)", gt=0),
     )  # fmt: skip
     ivon_hess_init: float = field(default=-1.0, metadata=_meta("IVON initial h", ge=0))
     ivon_beta2: float = field(default=0.0, metadata=_meta("IVON beta2", gt=0, lt=1))

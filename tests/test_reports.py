@@ -154,3 +154,17 @@ def test_a_run_made_before_a_key_existed_compares_as_the_same_setting(tmp_path):
     (folder / "summary.json").write_text(json.dumps({"round": 1, "accuracy": 0.5}))
     loaded = load_run(folder).config
     assert loaded["weight_decay"] == 0.0 and loaded["damping"] == 0.25  # fedlap's 1/K at K = 4
+
+
+def test_compare_names_a_setting_by_the_keys_that_tell_settings_apart(tmp_path):
+    """A key only one setting reads (fedlap-func's func_lr beside a FedAvg run saved with another default of it)
+    names nothing; the same key differing between two settings that read it names both."""
+    from fedvb.compare import _labels
+
+    def setting(**values):
+        return tuple(sorted(RunConfig(num_clients=4, out=str(tmp_path), **values).as_dict().items()))
+
+    apart = {setting(strategy="fedavg", func_lr=0.001, lr=1e-3): [], setting(strategy="fedlap-func", lr=1e-3): []}
+    assert _labels(apart) == ["fedavg", "fedlap-func"]
+    two = {setting(strategy="fedlap-func", func_lr=0.5): [], setting(strategy="fedlap-func"): []}
+    assert _labels(two) == ["fedlap-func (func_lr=0.5)", "fedlap-func (func_lr=1.0)"]

@@ -71,6 +71,35 @@ def test_an_experiments_published_baseline_settings_reach_the_runs_configuration
     assert by_strategy["fedavg"].num_clients == 100 and by_strategy["fedavg"].partition == "two-class"
 
 
+def test_a_study_reuses_a_finished_run_unless_a_key_it_reads_changed(tmp_path, monkeypatch):
+    """The study's reuse rule: a finished run (config.toml and summary.json at the planned round) is kept when
+    only keys its strategy does not read differ (another strategy's new default), and run again when one it
+    reads differs."""
+    import fmnist_heterogeneous as study
+
+    from fedvb.config import RunConfig
+
+    toml = ROOT / "simulations" / "mnist_two_class.toml"
+    made = []
+    monkeypatch.setattr(study, "run", lambda config, overwrite: made.append(config))
+
+    def finish(strategy: str, **changed) -> None:
+        """A finished run of ``strategy`` as the study would plan it, with ``changed`` keys."""
+        study.run_folder(strategy, 62, 10, tmp_path, toml)
+        planned = made.pop().replace(**changed)
+        folder = tmp_path / strategy / "seed62"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(planned.to_toml())
+        (folder / "summary.json").write_text('{"round": 10}')
+
+    finish("fedavg", func_lr=0.001)  # fedlap-func's key: FedAvg does not read it
+    study.run_folder("fedavg", 62, 10, tmp_path, toml)
+    assert made == []
+    finish("fedlap-func", func_lr=0.001)  # ... and FedLap-Func does
+    study.run_folder("fedlap-func", 62, 10, tmp_path, toml)
+    assert [config.strategy for config in made] == ["fedlap-func"] and made[0].func_lr == RunConfig().func_lr
+
+
 def test_the_negative_elbo_estimate_has_its_known_answers():
     """At the prior the KL is 0; for a near point mass the expectation is the data's NLL at the mean."""
     import negative_elbo
