@@ -36,14 +36,7 @@ def test_zero_weight_is_fedlap_exactly():
 
 def test_the_server_step_lowers_the_fedlap_func_objective():
     cfg = config(func_weight=1.0, rounds=1)
-    algorithm = make_algorithm(cfg)
-    trainers = [make_trainer(cfg, k) for k in range(cfg.num_clients)]
-    server = algorithm.init_server(initial_mean(cfg), cfg.num_clients)
-    payload = algorithm.payload(server)
-    replies = {
-        k: algorithm.client_round(payload, {}, t, generator=client_generator(cfg, 1, k))[0]
-        for k, t in enumerate(trainers)
-    }
+    algorithm, server, replies = first_round(cfg)
     anchor = BayesADMM.server_round(algorithm, server, replies, cfg.num_clients).arrays["mean"]
     refined = algorithm.server_round(server, replies, cfg.num_clients).arrays["mean"]
     weights = torch.stack([r["num_examples"] for r in replies.values()]).double()
