@@ -524,23 +524,23 @@ class FedLapFunc(BayesADMM):
                  - Gaussian(anchor, new.arrays["precision"], family).natural().linear)  # fmt: skip
         sizes = {client: float(reply["num_examples"]) for client, reply in replies.items()}
         total = sum(sizes.values())
-        shares = {client: shift * (size / total) for client, size in sizes.items()}
         arrays = {**new.arrays, "mean": refined, "_site_sum_linear": new.arrays["_site_sum_linear"] + shift}
-        return ServerState(arrays, _SitesShifted(new.sites, shares))
+        return ServerState(arrays, _SitesShifted(new.sites, shift, {k: n / total for k, n in sizes.items()}))
 
 
 class _SitesShifted(Mapping):
-    """``sites`` with ``shifts[client]`` added to each named client's linear part (FedLap-Func's fit, held in the
-    sites of the clients that replied)."""
+    """``sites`` with ``shares[client] * shift`` added to each named client's linear part (FedLap-Func's fit, held
+    in the sites of the clients that replied); each share made when read, so a cohort holds one shift, not one a
+    client."""
 
-    def __init__(self, sites: Mapping[Any, NaturalParams], shifts: dict[Any, Tensor]) -> None:
-        self._sites, self._shifts = sites, shifts
+    def __init__(self, sites: Mapping[Any, NaturalParams], shift: Tensor, shares: dict[Any, float]) -> None:
+        self._sites, self._shift, self._shares = sites, shift, shares
 
     def __getitem__(self, client: Any) -> NaturalParams:
         site = self._sites[client]
-        if client not in self._shifts:
+        if client not in self._shares:
             return site
-        return NaturalParams(site.linear + self._shifts[client], site.quadratic, site.family)
+        return NaturalParams(site.linear + self._shares[client] * self._shift, site.quadratic, site.family)
 
     def __contains__(self, client: object) -> bool:
         return client in self._sites
