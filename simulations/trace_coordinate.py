@@ -1,11 +1,11 @@
 """Follow one parameter of a BayesADMM run round by round: the server's mean and precision there, and each
 client's reply (its posterior's mean and precision) and site at that coordinate.
 
-    .venv/bin/python simulations/trace_coordinate.py [CONFIG] --index 17137 [--set seed=62] [--rounds 50]
+    .venv/bin/python simulations/trace_coordinate.py [CONFIG] --index 17137 [--set seed=62] [--rounds N]
         [--out trace.csv]
 
 CONFIG defaults to simulations/fmnist_heterogeneous.toml. The run is the core's plain loop
-(``fedvb.core.driver.run_algorithm``, the numbers of every backend for the same seed); nothing is written but
+(``study.core_loop``, the numbers of every backend for the same seed); nothing is written but
 the CSV (one row per round and client: round, client, reply mean and precision, site linear and quadratic,
 then the server's mean and precision after the round). For a first-layer weight of an MLP it also prints
 which input and unit the coordinate joins and, per client, how many of its rows have that input nonzero.
@@ -14,15 +14,12 @@ which input and unit the coordinate joins and, per client, how many of its rows 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
-import torch
+from study import add_loop_arguments, core_loop, loop_config, write_csv
 
-from fedvb.config import RunConfig
-from fedvb.core.driver import run_algorithm
-from fedvb.experiment import client_generator, initial_mean, make_algorithm, make_trainer, round_lr
+from fedvb.experiment import make_trainer
 
 TOML = Path(__file__).with_name("fmnist_heterogeneous.toml")
 FIELDS = ["round", "client", "reply_mean", "reply_precision", "site_linear", "site_quadratic", "server_mean",
@@ -44,29 +41,16 @@ def _describe(trainers, index: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=str(TOML))
+    add_loop_arguments(parser, TOML, "trace.csv")
     parser.add_argument("--index", type=int, required=True, help="the coordinate of the flat parameter vector")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--rounds", type=int, default=0, help="rounds (default: the configuration's)")
-    parser.add_argument("--out", default="trace.csv")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # this script is an entry point: one thread, as the CLI
-    overrides = dict(item.split("=", 1) for item in args.set)
-    if args.rounds:
-        overrides["rounds"] = str(args.rounds)
-    config = RunConfig.from_sources(Path(args.config), overrides)
-    algorithm = make_algorithm(config)
+    config, rounds = loop_config(parser, args)
     trainers = [make_trainer(config, k) for k in range(config.num_clients)]
     _describe(trainers, args.index)
     i, rows, replies = args.index, [], {}
-    recorded = algorithm.client_round
 
-    def client_round(payload, state, trainer, *, generator):
-        reply, new_state = recorded(payload, state, trainer, generator=generator)
-        replies[trainers.index(trainer)] = reply
-        return reply, new_state
-
-    algorithm.client_round = client_round  # record each reply on its way to the server
+    def on_reply(client: int, reply: dict) -> None:
+        replies[client] = reply
 
     def on_round(server_round, server):
         mean, precision = float(server.arrays["mean"][i]), float(server.arrays["precision"].reshape(-1)[i])
@@ -78,18 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         replies.clear()
         print(f"round {server_round:3d}: server mean {mean: .4g}, precision {precision:.4g}", flush=True)
 
-    server = run_algorithm(
-        algorithm, trainers, config.rounds, initial_mean(config), seed=config.seed, fraction=config.fraction_train,
-        generator_for=lambda r, k: client_generator(config, r, k), on_round=on_round,
-        lr_for=lambda r: round_lr(config, r),
-    )  # fmt: skip
+    server = core_loop(config, trainers, rounds, on_reply=on_reply, on_round=on_round)
     final = server.arrays["mean"].abs()
     print(f"largest |server mean| at the end: {float(final.max()):.4g} at index {int(final.argmax())}")
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(FIELDS)
-        writer.writerows(rows)
-    print(f"wrote {args.out} ({len(rows)} rows)")
+    write_csv(args.out, FIELDS, rows)
     return 0
 
 

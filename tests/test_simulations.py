@@ -1,12 +1,14 @@
 """The main job: the duality study writes its table, CSV and plot, with the known answers in them."""
 
 import csv
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
 
 import duality  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -136,3 +138,76 @@ def test_the_negative_elbo_study_writes_every_methods_curve(tmp_path):
     assert len({curve[0] for curve in by_method.values()}) == 1  # the same prior, the same noise
     assert all(sorted(curve) == [0, 1, 2] and curve[2] < curve[0] for curve in by_method.values())
     assert (tmp_path / "elbo.png").stat().st_size > 10_000
+
+
+def _mlp_with(activation: str, biases: list[float], hidden: int = 4) -> torch.nn.Module:
+    """A one-hidden-layer MLP with zero weights: each hidden unit's input is its bias, whatever the row."""
+    from fedvb.models import mlp
+
+    model = mlp((3,), 2, hidden=(hidden,), activation=activation)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model[1].bias.copy_(torch.tensor(biases))
+    return model
+
+
+def test_the_hidden_unit_profile_has_its_known_answers():
+    """simulations/hidden_units.py: a unit is saturated where its activation's slope is below a tenth of the
+    largest (sigmoid(10) has slope 4.5e-5 against 0.25; a ReLU below zero has none)."""
+    import hidden_units
+
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    assert hidden_units.hidden_units(_mlp_with("sigmoid", [10, -10, 0, 1]), x) == [(0.5, 0.0)]
+    assert hidden_units.hidden_units(_mlp_with("relu", [-1, -1, -1, 1]), x) == [(0.75, 0.0)]
+    assert hidden_units.hidden_units(_mlp_with("tanh", [0.5, -0.5, 3, -3]), x) == [(0.5, 0.0)]
+    model = _mlp_with("sigmoid", [0, 0, 0, 0])
+    with torch.no_grad():
+        model[1].weight.copy_(0.5 * torch.randn(4, 3, generator=torch.Generator().manual_seed(1)))
+    ((saturated, spread),) = hidden_units.hidden_units(model, x)
+    assert saturated == 0.0 and 0.05 < spread < 0.25  # unit inputs of std about 0.9, within |z| < 3.6
+
+
+def _digits_run(tmp_path) -> tuple[Path, list[dict], np.ndarray]:
+    """A small IVON-ADMM configuration on digits (an MLP of two sigmoid layers, 3 rounds, cosine schedule) and
+    what `fedvb run` writes for it: the metrics rows and the final server mean."""
+    from fedvb.backends import run
+    from fedvb.config import RunConfig
+
+    toml = tmp_path / "small.toml"
+    toml.write_text('strategy = "ivon-admm"\ndataset = "digits"\nmodel = "mlp"\nhidden = "16,8"\nnum_clients = 3\n'
+                    'rounds = 3\nlocal_epochs = 1\nlr = 0.05\nlr_schedule = "cosine"\n')  # fmt: skip
+    run(RunConfig.from_sources(toml, {"out": str(tmp_path / "run")}))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    with np.load(tmp_path / "run" / "posterior.npz") as z:
+        return toml, rows, z["mean"]
+
+
+def test_the_hidden_unit_study_follows_the_runs_server_model(tmp_path):
+    """Its loop is the run's: the server accuracy it prints each round is the one `fedvb run` writes for the
+    same configuration (its first 2 of 3 rounds, the schedule spanning 3), and it profiles every hidden layer
+    of the server and the clients each round."""
+    import hidden_units
+
+    toml, written, _ = _digits_run(tmp_path)
+    assert hidden_units.main([str(toml), "--rounds", "2", "--out", str(tmp_path / "units.csv")]) == 0
+    with open(tmp_path / "units.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["round"], r["layer"]) for r in rows] == [(str(i), str(j)) for i in range(3) for j in (1, 2)]
+    accuracy = [float(r["accuracy"]) for r in rows if r["layer"] == "1"][1:]
+    assert accuracy == pytest.approx([row["accuracy"] for row in written[:2]], abs=1e-6)
+    assert rows[0]["client_saturated"] == "nan" and 0 <= float(rows[2]["client_saturated"]) <= 1
+
+
+def test_the_coordinate_trace_follows_the_runs_server_model(tmp_path):
+    """simulations/trace_coordinate.py: the server mean it reports after the last round is the run's."""
+    import trace_coordinate
+
+    toml, _, mean = _digits_run(tmp_path)
+    index = int(np.abs(mean).argmax())
+    out = tmp_path / "trace.csv"
+    assert trace_coordinate.main([str(toml), "--index", str(index), "--out", str(out)]) == 0
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["client"] for r in rows if r["round"] == "3"] == ["0", "1", "2"]
+    assert float(rows[-1]["server_mean"]) == pytest.approx(float(mean[index]), rel=1e-5)
