@@ -21,6 +21,8 @@ from fedvb.core.registry import ALGORITHMS, BASELINES, BAYES_ADMM, COMMON_DEFAUL
 from fedvb.core.robust import COMBINATIONS
 from fedvb.core.trainers import CURVATURES, LR_SCHEDULES, OPTIMIZER_STATES
 
+CLIENT_STREAMS = ("independent", "shared")
+
 __all__ = [
     "STRATEGIES",
     "ConfigError",
@@ -156,6 +158,13 @@ class RunConfig:
         metadata=_meta("MAP clients' Adam each round: fresh (a new one, the textbook) or kept (its moments and step "
                        "count carried in the client's state from its last round, as the papers' code)",
                        choices=OPTIMIZER_STATES),
+    )  # fmt: skip
+    client_streams: str = field(
+        default="independent",
+        metadata=_meta("each client's random stream each round (minibatch order, IVON's weight noise): independent "
+                       "(one per run, round and client) or shared (the run seed's stream for every client in every "
+                       "round, as the papers' code reseeds each client's training with the run seed)",
+                       choices=CLIENT_STREAMS),
     )  # fmt: skip
     hidden: str = field(default="200,100", metadata=_meta("MLP hidden sizes, comma-separated"))
     activation: str = field(default="sigmoid", metadata=_meta("MLP activation (sigmoid, relu, tanh, gelu)"))

@@ -519,7 +519,11 @@ def _algorithm(config: RunConfig, with_data: bool) -> Algorithm:
 
 
 def client_generator(config: RunConfig, server_round: int, partition_id: int) -> torch.Generator:
-    """One random stream per (run, round, client): results do not depend on execution order or backend."""
+    """One random stream per (run, round, client): results do not depend on execution order or backend. With
+    ``client_streams = "shared"`` every client starts every round from the run seed's one stream, as the papers'
+    code (it reseeds torch with the run seed when a client's training starts)."""
+    if config.client_streams == "shared":
+        return torch.Generator().manual_seed(config.seed)
     seed = np.random.SeedSequence([config.seed, server_round, partition_id]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(seed))
 

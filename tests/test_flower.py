@@ -224,3 +224,35 @@ def test_a_reply_goes_in_float32_only_where_float32_holds_it_exactly_and_comes_b
     # only float32 is widened, and only to a float64 server: a float16 reply (a fault) reaches the screen as sent
     assert widened({"mean": exact.half()}, torch.float64)["mean"].dtype == torch.float16
     assert widened({"mean": exact.float()}, torch.float32)["mean"].dtype == torch.float32
+
+
+def test_shared_client_streams_give_clients_of_the_same_rows_the_same_reply_on_every_backend(tmp_path):
+    """client_streams = "shared" (the papers' code reseeds each client's training with the run seed): two
+    clients holding the same rows reply the same, to the bit, where their own streams make them differ; and
+    a Flower run with it is the plain loop's."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((40, 4)).astype(np.float32)
+    labels = (rows[:, 0] > 0).astype(np.int64)
+    x = np.concatenate([rows, rows, rng.standard_normal((40, 4)).astype(np.float32)])
+    y = np.concatenate([labels, labels, (x[80:, 1] > 0).astype(np.int64)])
+    np.savez(tmp_path / "data.npz", x=x, y=y, client=np.repeat([0, 1, 2], 40), x_test=x[:20], y_test=y[:20])
+    config = RunConfig.from_mapping(
+        dict(strategy="ivon-admm", data=str(tmp_path / "data.npz"), model="logreg", num_clients=3, rounds=2,
+             lr=0.01, local_epochs=2, batch_size=8, eval_samples=0, client_streams="shared",
+             out=str(tmp_path / "run"))
+    )  # fmt: skip
+
+    def first_replies(config: RunConfig) -> list[torch.Tensor]:
+        algorithm = make_algorithm(config)
+        payload = algorithm.payload(algorithm.init_server(initial_mean(config), config.num_clients))
+        streams = [client_generator(config, 1, k) for k in (0, 1)]
+        replies = [algorithm.client_round(payload, {}, make_trainer(config, k), generator=streams[k]) for k in (0, 1)]
+        return [reply["mean"] for reply, _ in replies]
+
+    shared = first_replies(config)
+    assert torch.equal(shared[0], shared[1])
+    own = first_replies(config.replace(client_streams="independent"))
+    assert not torch.allclose(own[0], own[1], atol=1e-4)
+    run(config)
+    with np.load(tmp_path / "run" / "posterior.npz") as z:
+        np.testing.assert_allclose(z["mean"], plain_loop_mean(config), rtol=1e-6, atol=1e-7)
