@@ -256,3 +256,15 @@ def test_shared_client_streams_give_clients_of_the_same_rows_the_same_reply_on_e
     run(config)
     with np.load(tmp_path / "run" / "posterior.npz") as z:
         np.testing.assert_allclose(z["mean"], plain_loop_mean(config), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_a_kept_adam_state_over_flowers_fedavg_matches_the_plain_loop(strategy, tmp_path):
+    """optimizer_state = "kept" with the strategies that hand their replies to Flower's own FedAvg (which takes
+    exactly one ArrayRecord a message): the client's state travels beside the reply and the run is the loop's."""
+    config = small_config(strategy, tmp_path, optimizer_state="kept")
+    run(config)
+    with np.load(tmp_path / strategy / "posterior.npz") as z:
+        np.testing.assert_allclose(z["mean"], plain_loop_mean(config), rtol=1e-6, atol=1e-7)
+        kept = z["mean"]
+    assert np.linalg.norm(kept - plain_loop_mean(config.replace(optimizer_state="fresh"))) > 1e-6

@@ -201,6 +201,8 @@ class ReplyScreen:
                 if narrow and dtype == torch.float64:  # Flower's FedAvg averages the message: widened too
                     content["reply"] = to_array_record({k: v for k, v in reply.items() if k != "num_examples"})
                 state = from_array_record(content["state"], consume=consume) if "state" in content else {}
+                if keep_messages and "state" in content:  # read; Flower's FedAvg takes one ArrayRecord a message
+                    del content["state"]
                 algorithm.check_reply(server, reply, partition)
                 self._check_examples(partition, reply)
             except (KeyError, TypeError, ValueError) as error:  # RejectedReply is a ValueError
