@@ -50,7 +50,7 @@ TOML = Path(__file__).with_name("fmnist_heterogeneous.toml")
 # defaults, docs/algorithms.md §11; anchored at the initialisation with undamped sites it stayed near 0.31);
 # FedLap-Cov as FedLap (its own defaults: temperature 1, sites damped by 0.1, the reference code's FedLap-Cov
 # damping, round 1 at the prior; undamped it overshoots on this MLP: docs/algorithms.md §10), and FedLap-Func too
-# (its server's function-space fit at its defaults: 256 held-out inputs, 50 Adam steps); FedLap-KFAC as in
+# (its server's function-space fit at its defaults: 256 held-out inputs, 50 L-BFGS iterations); FedLap-KFAC as in
 # benchmarks/results/kronecker_fmnist (round 1 anchored at the initialisation).
 COMMON = {"lr": 1e-3, "batch_size": 64}
 BASELINE = {
