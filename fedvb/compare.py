@@ -1,7 +1,8 @@
 """``fedvb compare DIR ...``: several run folders as one table (markdown and CSV) and overlaid curves.
 
 Runs whose configurations differ only in the seed (and where or how they ran:
-out, backend, Ray address, device, resources, logging) form one setting; a
+out, backend, Ray address, device, resources, logging), or in keys their
+strategy does not read, form one setting; a
 setting's numbers are mean +- sample std over its n runs.  A setting is named
 by its strategy and the keys in which the settings differ *and* that apply to
 it (``ivon-admm (rho=0.5)``; FedAvg is never labelled with IVON's keys).
@@ -54,7 +55,11 @@ class Run:
 
     @property
     def setting(self) -> tuple:
-        return tuple(sorted((k, v) for k, v in self.config.items() if k not in NOT_A_SETTING))
+        """What the run computes: its keys but the seed and where it ran, and only those its strategy reads (a
+        FedDyn run saved under another default of fedlap-func's ``func_lr`` is the same FedDyn)."""
+        return tuple(
+            sorted((k, v) for k, v in self.config.items() if k not in NOT_A_SETTING and applies(k, self.config))
+        )
 
 
 def load_run(path: str | Path) -> Run:
@@ -157,6 +162,8 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path, *, baseline: str 
     for run in runs:
         groups.setdefault(run.setting, []).append(run)
     labels = _labels(groups)
+    if len(set(labels)) < len(labels):  # never two settings under one name (a dict of them would keep one)
+        raise ValueError(f"runs: settings that differ only in keys no label names: {sorted(labels)}")
     members = dict(zip(labels, groups.values()))
     base = _baseline(labels, baseline)
     columns = [c for c in COLUMNS if any(c in r.summary for r in runs)]

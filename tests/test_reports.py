@@ -168,3 +168,23 @@ def test_compare_names_a_setting_by_the_keys_that_tell_settings_apart(tmp_path):
     assert _labels(apart) == ["fedavg", "fedlap-func"]
     two = {setting(strategy="fedlap-func", func_lr=0.5): [], setting(strategy="fedlap-func"): []}
     assert _labels(two) == ["fedlap-func (func_lr=0.5)", "fedlap-func (func_lr=1.0)"]
+
+
+def test_compare_pools_runs_that_differ_only_in_keys_their_strategy_does_not_read(tmp_path):
+    """FedDyn runs saved under two defaults of fedlap-func's func_lr compute the same thing: one setting of n = 2
+    (until 2026-12-07 they made two settings of one name, and the table kept one of them); FedDyn runs of
+    another alpha stay a setting of their own, named by it."""
+    from fedvb.compare import compare_runs
+
+    folders = []
+    for name, values in (
+        ("a", dict(seed=1, func_lr=0.001)),
+        ("b", dict(seed=2)),
+        ("c", dict(seed=1, feddyn_alpha=0.1)),
+    ):
+        folders.append(tmp_path / name)
+        run(RunConfig.from_mapping({**SMALL, "strategy": "feddyn", "out": str(folders[-1]), **values}))
+    markdown = compare_runs(folders, tmp_path / "compare")
+    rows = [line for line in markdown.splitlines() if line.startswith("| feddyn")]
+    assert [row.split(" | ")[:2] for row in rows[:2]] == [["| feddyn (feddyn_alpha=0.01)", "2"],
+                                                          ["| feddyn (feddyn_alpha=0.1)", "1"]]  # fmt: skip
