@@ -522,7 +522,7 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
 # with the ivon solver
 IVON_KEYS = ("ivon_hess_init", "ivon_beta2", "ivon_mc_samples", "ivon_clip_radius", "ivon_kernel")
 LOCAL_TRAINING_KEYS = ("local_epochs", "lr", "batch_size")  # all but the exact solver
-MAP_KEYS = ("optimizer",)  # baselines and the laplace solver
+MAP_KEYS = ("optimizer", "weight_decay", "grad_clip", "optimizer_state")  # baselines and the laplace solver
 
 
 def applies(key: str, config: dict[str, Any]) -> bool:

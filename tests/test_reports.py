@@ -168,6 +168,8 @@ def test_compare_names_a_setting_by_the_keys_that_tell_settings_apart(tmp_path):
     assert _labels(apart) == ["fedavg", "fedlap-func"]
     two = {setting(strategy="fedlap-func", func_lr=0.5): [], setting(strategy="fedlap-func"): []}
     assert _labels(two) == ["fedlap-func (func_lr=0.5)", "fedlap-func (func_lr=1.0)"]
+    mixed = {setting(strategy="ivon-admm", weight_decay=0.0): [], setting(strategy="feddyn", weight_decay=1e-6): []}
+    assert _labels(mixed) == ["ivon-admm", "feddyn"]  # IVON's clients take no weight decay: nothing tells them apart
 
 
 def test_compare_pools_runs_that_differ_only_in_keys_their_strategy_does_not_read(tmp_path):
