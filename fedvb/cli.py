@@ -20,7 +20,7 @@ from pathlib import Path
 from fedvb.config import ConfigError, RunConfig, describe_algorithms, describe_defaults, describe_fields
 from fedvb.progress import MODES, RunDisplay, SweepDisplay
 
-__all__ = ["main"]
+__all__ = ["main", "parse_sets"]
 
 FLAGS = {
     "strategy": str,
@@ -122,16 +122,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    values = {name: getattr(args, name) for name in FLAGS if getattr(args, name, None) is not None}
-    if getattr(args, "log", None):
-        values["log"] = args.log
-    for item in args.sets:
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as overrides; ConfigError naming the first that is not KEY=VALUE."""
+    values = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         values[key.strip()] = value.strip()
     return values
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    values = {name: getattr(args, name) for name in FLAGS if getattr(args, name, None) is not None}
+    if getattr(args, "log", None):
+        values["log"] = args.log
+    return {**values, **parse_sets(args.sets)}
 
 
 def _config(args: argparse.Namespace) -> RunConfig:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fedvb.config import RunConfig
+from fedvb.cli import parse_sets
+from fedvb.config import ConfigError, RunConfig
 from fedvb.core.algorithms import ServerState
 from fedvb.core.driver import run_algorithm
 from fedvb.experiment import client_generator, initial_mean, make_algorithm, round_lr
@@ -41,10 +42,11 @@ def core_loop(
     ``on_round(round, server)`` the server after each round."""
     algorithm = make_algorithm(config)
     client_round = algorithm.client_round
+    client_of = {id(trainer): k for k, trainer in enumerate(trainers)}
 
     def recorded(payload, state, trainer, *, generator):
         reply, new_state = client_round(payload, state, trainer, generator=generator)
-        on_reply(trainers.index(trainer), reply)
+        on_reply(client_of[id(trainer)], reply)
         return reply, new_state
 
     algorithm.client_round = recorded
@@ -77,7 +79,10 @@ def loop_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     """The configuration :func:`add_loop_arguments` names, and how many of its rounds to run; one torch thread,
     as fedvb's CLI (this is an entry point's set-up)."""
     torch.set_num_threads(1)
-    config = RunConfig.from_sources(Path(args.config), dict(item.split("=", 1) for item in args.set))
+    try:
+        config = RunConfig.from_sources(Path(args.config), parse_sets(args.set))
+    except ConfigError as error:  # one clear line, as fedvb's CLI
+        parser.error(str(error))
     rounds = args.rounds or config.rounds
     if not 1 <= rounds <= config.rounds:
         parser.error(f"--rounds: {rounds}; allowed: 1 to the configuration's rounds ({config.rounds})")
